@@ -1,0 +1,158 @@
+"""Benchmarks that print measured figures (never asserted in tests).
+
+    python -m deqlib.bench solvers [--batch 32 --channels 64 --size 32 --tol 1e-3]
+
+``solvers``: each method on an MDEQ-sized conv map f(z) = GN(s * conv(relu(conv(z))) + x),
+whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
+Prints time to tolerance, NFE, the overhead ratio ``solve time / (NFE x median f time)`` and
+the solver's extra memory (peak live bytes of the solve minus those of one f call) at two
+``max_iter`` values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from .measure import PeakMemory, median_time
+from .solvers import METHODS, solve
+
+__all__ = ["ConvMap", "calibrated_conv_map", "bench_solvers", "main"]
+
+
+class ConvMap(nn.Module):
+    """``f(z) = GroupNorm(s * conv2(relu(conv1(z))) + x)``: an MDEQ-sized residual branch.
+
+    Shapes: ``z, x: (B, C, H, W)``. ``s`` sets the contraction.
+    """
+
+    def __init__(self, channels: int, x: Tensor, scale: float = 1.0, groups: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(groups, channels)
+        self.x = x
+        self.scale = scale
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.norm(self.scale * self.conv2(torch.relu(self.conv1(z))) + self.x)
+
+
+def _plain_nfe(f: ConvMap, z0: Tensor, tol: float, cap: int = 80) -> int:
+    return solve(f, z0, method="fixed_point", max_iter=cap, tol=tol).nfe
+
+
+def calibrated_conv_map(
+    batch: int, channels: int, size: int, tol: float, seed: int = 0, target: tuple[int, int] = (20, 40)
+) -> ConvMap:
+    """A seeded ConvMap whose plain iteration needs ``target`` calls to reach ``tol``.
+
+    The scale is found by bisection on a batch of 4, then checked on the full batch.
+    """
+    torch.manual_seed(seed)
+    x = torch.randn(batch, channels, size, size)
+    f = ConvMap(channels, x[:4]).eval()
+    z0 = torch.zeros_like(x[:4])
+    lo, hi = 0.0, 64.0
+    for _ in range(30):
+        f.scale = mid = (lo + hi) / 2
+        nfe = _plain_nfe(f, z0, tol)
+        if nfe < target[0]:
+            lo = mid
+        elif nfe > target[1]:
+            hi = mid
+        else:
+            break
+    f.x = x
+    return f
+
+
+@torch.no_grad()
+def bench_solvers(
+    batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 3,
+    max_iters: tuple[int, int] = (30, 300), seed: int = 0,
+) -> dict:
+    f = calibrated_conv_map(batch, channels, size, tol, seed)
+    z0 = torch.zeros(batch, channels, size, size)
+    f_time = median_time(lambda: f(z0 + 0.1), repeats=max(5, repeats))
+    with PeakMemory() as pm:
+        f(z0 + 0.1)
+    f_peak = pm.peak
+    state_bytes = z0.numel() * z0.element_size()
+    rows = []
+    for method in sorted(METHODS):
+        res = solve(f, z0, method=method, max_iter=max_iters[0], tol=tol)
+        t = median_time(lambda: solve(f, z0, method=method, max_iter=max_iters[0], tol=tol),
+                        repeats=repeats, warmup=0)
+        mem = {}
+        for mi in max_iters:
+            with PeakMemory() as pm:
+                solve(f, z0, method=method, max_iter=mi, tol=tol)
+            mem[mi] = pm.peak - f_peak
+        rows.append({
+            "method": method,
+            "nfe": res.nfe,
+            "status": res.status,
+            "max_rel_residual": float(res.rel_residual.max()),
+            "time_s": t,
+            "overhead": t / (res.nfe * f_time),
+            **{f"extra_mem_mb_max_iter_{mi}": mem[mi] / 2**20 for mi in max_iters},
+            **{f"extra_mem_states_max_iter_{mi}": mem[mi] / state_bytes for mi in max_iters},
+        })
+    return {
+        "problem": {"batch": batch, "channels": channels, "size": size, "tol": tol,
+                    "scale": f.scale, "f_time_ms": f_time * 1e3, "state_mb": state_bytes / 2**20},
+        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def _print_solvers(report: dict) -> None:
+    p = report["problem"]
+    print(f"solvers on ConvMap: batch {p['batch']}, {p['channels']} ch, {p['size']}x{p['size']}, "
+          f"scale {p['scale']:.3f}, rel tol {p['tol']:g}; one f call {p['f_time_ms']:.1f} ms; "
+          f"one state {p['state_mb']:.1f} MB; {report['device']}, torch {report['torch']}")
+    mis = [k.rsplit("_", 1)[1] for k in report["rows"][0] if k.startswith("extra_mem_mb_")]
+    head = f"{'method':<12}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}"
+    head += "".join(f"{'mem MB @' + m:>14}" for m in mis)
+    print(head)
+    for r in report["rows"]:
+        line = (f"{r['method']:<12}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
+                f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}")
+        line += "".join(f"{r['extra_mem_mb_max_iter_' + m]:>14.1f}" for m in mis)
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deqlib.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    s = sub.add_parser("solvers", help="solver time, NFE, overhead and memory on a conv map")
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--channels", type=int, default=64)
+    s.add_argument("--size", type=int, default=32)
+    s.add_argument("--tol", type=float, default=1e-3)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    for name in ("batch", "channels", "size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.tol > 0:
+        parser.error(f"--tol must be > 0, got {args.tol}")
+    report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
+    _print_solvers(report)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The DEQ layer: solve ``z* = f(z*, x)`` without autograd, then differentiate.
+
+Three ways to differentiate (``backward=``):
+- ``"implicit"``: one differentiable call ``f(z*, x)``; its incoming gradient ``g`` is replaced
+  by the solution ``u`` of ``u = u J_f(z*) + g`` (implicit function theorem), found by its own
+  solver (``backward_solver``). Memory of one call of ``f``.
+- ``"phantom"``: ``k`` damped steps ``z <- (1-lam) z + lam f(z, x)`` from ``z*`` under autograd
+  (an inexact, cheap gradient).
+- ``"unrolled"``: plain iteration from ``z0`` under autograd through every step, up to the
+  forward ``max_iter``, stopping at its ``tol``: the exact reference, and the weight-tied
+  "pretraining" mode.
+
+States may be one tensor ``(B, ...)`` or a list of them (one feature map per scale); they are
+packed into one ``(B, D)`` tensor for the solvers by :class:`StatePacker`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from .solvers import SolverResult, _Tracker, check_method_options, check_solver_args, solve
+
+__all__ = ["SolverSettings", "DEQStats", "DEQ", "StatePacker", "BACKWARD_MODES"]
+
+State = Union[Tensor, Sequence[Tensor]]
+BACKWARD_MODES = ("implicit", "phantom", "unrolled")
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How one solve is done: method, budget, tolerance and the method's own options.
+
+    Validated on construction: a bad value raises ValueError naming it.
+    """
+
+    method: str = "anderson"
+    max_iter: int = 30
+    tol: float = 1e-3
+    stop_mode: str = "rel"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_solver_args(self.max_iter, self.tol, self.stop_mode, 2.0)
+        check_method_options(self.method, dict(self.options))
+
+    def replace(self, **changes: Any) -> "SolverSettings":
+        return dataclasses.replace(self, **changes)
+
+    def run(self, f: Callable[[Tensor], Tensor], z0: Tensor) -> SolverResult:
+        return solve(f, z0, self.method, self.max_iter, self.tol, self.stop_mode, **self.options)
+
+
+class StatePacker:
+    """Packs a list of per-sample tensors ``[(B, *s_i)]`` into one ``(B, sum_i prod(s_i))``.
+
+    A single tensor is handled as a list of one and unpacked back to a tensor.
+    """
+
+    def __init__(self, state: State):
+        self.single = isinstance(state, Tensor)
+        tensors = [state] if self.single else list(state)
+        if not tensors:
+            raise ValueError("the state must hold at least one tensor, got an empty list")
+        self.batch = tensors[0].shape[0]
+        for t in tensors:
+            if t.shape[0] != self.batch:
+                shapes = [tuple(x.shape) for x in tensors]
+                raise ValueError(f"all state tensors need the same batch size, got {shapes}")
+        self.shapes = [t.shape[1:] for t in tensors]
+        self.sizes = [t[0].numel() for t in tensors]
+
+    def pack(self, state: State) -> Tensor:
+        if self.single:
+            return state.reshape(self.batch, -1)
+        return torch.cat([t.reshape(self.batch, -1) for t in state], dim=1)
+
+    def unpack(self, flat: Tensor) -> State:
+        if self.single:
+            return flat.view(self.batch, *self.shapes[0])
+        parts = torch.split(flat, self.sizes, dim=1)
+        return [p.view(self.batch, *s) for p, s in zip(parts, self.shapes)]
+
+
+@dataclass
+class DEQStats:
+    """Statistics of one DEQ call. ``backward`` is filled in when the implicit backward runs.
+
+    Attributes:
+        forward: the forward solve (for ``"unrolled"``: the record of the unrolled iteration).
+        backward: the backward solve of ``u = u J + g``, or None before/without it.
+    """
+
+    forward: SolverResult
+    backward: SolverResult | None = None
+    _pair: Callable[[], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+
+    def jacobian_inputs(self) -> tuple[Tensor, Tensor]:
+        """``(z_star, f_star)``, both ``(B, D)``: a leaf ``z*`` and ``f(z*)`` with its graph, so
+        that vector-Jacobian products of ``J_f(z*)`` (e.g. the Jacobian penalty) can be taken.
+        In implicit mode this is the forward's own differentiable call (no extra cost)."""
+        if self._pair is None:
+            raise RuntimeError("no graph at z*: the DEQ was called without autograd")
+        return self._pair()
+
+
+class _ImplicitGrad(torch.autograd.Function):
+    """Identity on ``f(z*)`` whose backward solves ``u = u J_f(z*) + g`` and returns ``u``.
+
+    The VJPs use the graph of ``f_star`` w.r.t. the leaf ``z_star``; that graph lies upstream of
+    this node, so differentiating it inside this backward cannot re-enter this node (no hook
+    to remove, and two calls before one backward keep separate contexts).
+    """
+
+    @staticmethod
+    def forward(ctx, f_star: Tensor, z_star: Tensor, settings: SolverSettings, stats: DEQStats):
+        ctx.f_star, ctx.z_star, ctx.settings, ctx.stats = f_star, z_star, settings, stats
+        return f_star.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        f_star, z_star = ctx.f_star, ctx.z_star
+
+        def step(u: Tensor) -> Tensor:  # u -> u J + g
+            (uj,) = torch.autograd.grad(f_star, z_star, u, retain_graph=True, allow_unused=True)
+            return grad if uj is None else uj + grad
+
+        # Start at g (the solution when J = 0): saves the call a zero start would spend.
+        result = ctx.settings.run(step, grad)
+        ctx.stats.backward = result
+        ctx.f_star = ctx.z_star = None  # free the references; the graph is freed by autograd
+        return result.fz, None, None, None
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer around ``f(z, x)``.
+
+    Args:
+        f: the map; called as ``f(z, x)`` with ``z`` shaped like ``z0`` (a tensor or a list).
+            An ``nn.Module`` is registered, so its parameters belong to this layer.
+        forward_solver: settings of the forward solve.
+        backward_solver: settings of the implicit backward solve.
+        backward: ``"implicit"``, ``"phantom"`` or ``"unrolled"``.
+        phantom_steps, phantom_damping: ``k`` and ``lam`` of the phantom gradient.
+
+    Call: ``z, stats = deq(x, z0, forward_solver=None)`` returns ``f(z*, x)`` (one step past the
+    best iterate, shaped like ``z0``) and :class:`DEQStats`. ``forward_solver`` overrides the
+    forward settings for this call (e.g. a hard NFE cap at evaluation).
+    """
+
+    def __init__(
+        self,
+        f: Callable[[State, Any], State],
+        forward_solver: SolverSettings | None = None,
+        backward_solver: SolverSettings | None = None,
+        backward: str = "implicit",
+        phantom_steps: int = 5,
+        phantom_damping: float = 0.8,
+    ):
+        super().__init__()
+        if backward not in BACKWARD_MODES:
+            raise ValueError(f"unknown backward={backward!r}; choose one of {list(BACKWARD_MODES)}")
+        if isinstance(phantom_steps, bool) or int(phantom_steps) != phantom_steps or phantom_steps < 1:
+            raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
+        if not 0.0 < phantom_damping <= 1.0:
+            raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
+        self.f = f
+        self.forward_solver = forward_solver or SolverSettings()
+        self.backward_solver = backward_solver or SolverSettings(tol=1e-4)
+        self.backward = backward
+        self.phantom_steps = int(phantom_steps)
+        self.phantom_damping = float(phantom_damping)
+
+    def forward(
+        self, x: Any, z0: State, forward_solver: SolverSettings | None = None
+    ) -> tuple[State, DEQStats]:
+        packer = StatePacker(z0)
+        settings = forward_solver or self.forward_solver
+
+        def f_flat(z: Tensor) -> Tensor:
+            return packer.pack(self.f(packer.unpack(z), x))
+
+        z0_flat = packer.pack(z0)
+        if self.backward == "unrolled":
+            out, stats = self._unrolled(f_flat, z0_flat, settings)
+            return packer.unpack(out), stats
+
+        with torch.no_grad():
+            result = settings.run(f_flat, z0_flat.detach())
+        stats = DEQStats(forward=result)
+        if not torch.is_grad_enabled():
+            return packer.unpack(result.fz.reshape(packer.batch, -1)), stats
+
+        z_star = result.z.reshape(packer.batch, -1).detach().requires_grad_()
+        f_star = f_flat(z_star)
+        if self.backward == "implicit":
+            stats._pair = lambda: (z_star, f_star)
+            out = _ImplicitGrad.apply(f_star, z_star, self.backward_solver, stats)
+        else:  # phantom: k damped unrolled steps from z*, the first one reusing f_star
+            stats._pair = lambda: (z_star, f_star)
+            lam = self.phantom_damping
+            z = torch.lerp(z_star, f_star, lam)
+            for _ in range(self.phantom_steps - 1):
+                z = torch.lerp(z, f_flat(z), lam)
+            out = z
+        return packer.unpack(out), stats
+
+    def _unrolled(
+        self, f_flat: Callable[[Tensor], Tensor], z: Tensor, settings: SolverSettings
+    ) -> tuple[Tensor, DEQStats]:
+        tracker = _Tracker(settings.max_iter, settings.tol, settings.stop_mode, 1e6)
+        while True:
+            fz = f_flat(z)
+            if tracker.record(z.detach(), fz.detach(), (fz - z).detach()):
+                break
+            z = fz
+        stats = DEQStats(forward=tracker.result(z.shape))
+        if torch.is_grad_enabled():
+            def pair() -> tuple[Tensor, Tensor]:
+                z_star = fz.detach().requires_grad_()
+                return z_star, f_flat(z_star)
+
+            stats._pair = pair
+        return fz, stats

@@ -1,0 +1,96 @@
+"""Measuring cost: live tensor memory on any device, and saved-for-backward bytes.
+
+``PeakMemory`` counts the bytes of the storages of tensors created by torch operations inside
+its block and keeps the peak of those still alive; it works on CPU, where torch has no
+allocator statistics, and agrees with ``torch.cuda.max_memory_allocated`` up to allocator
+rounding. ``saved_tensor_bytes`` sums the bytes autograd saves for backward (activation
+memory), exactly and on any device.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["PeakMemory", "saved_tensor_bytes", "median_time"]
+
+
+class PeakMemory(TorchDispatchMode):
+    """``with PeakMemory() as pm: ...`` then ``pm.peak`` is the peak of live bytes created inside.
+
+    Storages are keyed by data pointer and reference-counted over the tensor objects that ops
+    return, so views and in-place results are not double-counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # data_ptr -> [n tensor objects, nbytes]
+
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0:
+                continue
+            entry = self._refs.get(key)
+            if entry is None:
+                entry = self._refs[key] = [0, storage.nbytes()]
+                self.live += entry[1]
+                self.peak = max(self.peak, self.live)
+            entry[0] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn()`` and return ``(its result, bytes of distinct storages saved for backward)``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(seen.values())
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA synchronized when available)."""
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]

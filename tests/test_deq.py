@@ -1,0 +1,208 @@
+"""The DEQ layer: implicit gradients against autograd through a long unrolled solve."""
+
+import pytest
+import torch
+from torch import nn
+
+from deqlib import DEQ, SolverSettings
+
+torch.set_default_dtype(torch.float64)  # gradient checks need float64; this module only
+
+EXACT_FWD = SolverSettings(method="anderson", max_iter=400, tol=1e-13, options={"m": 6})
+EXACT_BWD = SolverSettings(method="anderson", max_iter=400, tol=1e-13, options={"m": 6})
+UNROLLED = SolverSettings(method="fixed_point", max_iter=3000, tol=1e-14)
+
+
+def teardown_module():
+    torch.set_default_dtype(torch.float32)
+
+
+class MLPMap(nn.Module):
+    """f(z, x) = tanh(W z + U x + b) with ||W||_2 = 0.8 (a contraction)."""
+
+    def __init__(self, dz=12, dx=5):
+        super().__init__()
+        self.W = nn.Linear(dz, dz)
+        self.U = nn.Linear(dx, dz, bias=False)
+        with torch.no_grad():
+            self.W.weight.mul_(0.8 / torch.linalg.matrix_norm(self.W.weight, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + self.U(x))
+
+
+class ConvMap(nn.Module):
+    """A small residual conv block with GroupNorm, input injected before the norm."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.GroupNorm(2, c)
+        with torch.no_grad():
+            self.conv1.weight.mul_(0.3)
+            self.conv2.weight.mul_(0.3)
+
+    def forward(self, z, x):
+        return 0.5 * self.norm(self.conv2(torch.relu(self.conv1(z))) + x)
+
+
+class TwoScaleMap(nn.Module):
+    """States at two resolutions that feed each other (an MDEQ-like multi-tensor state)."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.hi = nn.Conv2d(c, c, 3, padding=1)
+        self.lo = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.up = nn.Conv2d(2 * c, c, 1)
+        for m in (self.hi, self.lo, self.down, self.up):
+            with torch.no_grad():
+                m.weight.mul_(0.2)
+
+    def forward(self, z, x):
+        hi, lo = z
+        up = nn.functional.interpolate(self.up(lo), scale_factor=2, mode="nearest")
+        return [torch.tanh(self.hi(hi) + up + x), torch.tanh(self.lo(lo) + self.down(hi))]
+
+
+def _grads(deq, x, z0, weights):
+    deq.zero_grad()
+    x = x.clone().requires_grad_()
+    z, stats = deq(x, z0)
+    zs = z if isinstance(z, list) else [z]
+    loss = sum((w * t).sum() for w, t in zip(weights, zs))
+    loss.backward()
+    return [x.grad] + [p.grad.clone() for p in deq.parameters()], stats
+
+
+def _assert_rel_close(got, ref, tol):
+    for g, r in zip(got, ref):
+        err = (g - r).norm() / r.norm()
+        assert err <= tol, f"relative error {err:.2e} > {tol:g}"
+
+
+def _case(name):
+    torch.manual_seed(0)
+    if name == "mlp":
+        f, x = MLPMap(), torch.randn(6, 5)
+        z0 = torch.zeros(6, 12)
+    elif name == "conv":
+        f, x = ConvMap(), torch.randn(3, 4, 6, 6)
+        z0 = torch.zeros(3, 4, 6, 6)
+    else:
+        f, x = TwoScaleMap(), torch.randn(2, 3, 8, 8)
+        z0 = [torch.zeros(2, 3, 8, 8), torch.zeros(2, 6, 4, 4)]
+    zs = z0 if isinstance(z0, list) else [z0]
+    weights = [torch.randn_like(t) for t in zs]
+    return f, x, z0, weights
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv", "two_scale"])
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_implicit_gradient_matches_long_unrolled_solve(name, method):
+    f, x, z0, weights = _case(name)
+    ref_deq = DEQ(f, forward_solver=UNROLLED, backward="unrolled")
+    ref, ref_stats = _grads(ref_deq, x, z0, weights)
+    assert ref_stats.forward.status == "converged", ref_stats.forward.reason
+
+    fwd = EXACT_FWD.replace(method=method, options={} if method == "broyden" else {"m": 6})
+    deq = DEQ(f, forward_solver=fwd, backward_solver=EXACT_BWD.replace(method=method, options=fwd.options))
+    got, stats = _grads(deq, x, z0, weights)
+    assert stats.forward.status == "converged" and stats.backward.status == "converged"
+    assert len(got) == len(ref) >= 3  # the input and every parameter
+    _assert_rel_close(got, ref, 1e-6)
+
+
+def test_gradient_is_wrong_without_the_implicit_solve():
+    """Sanity of the check above: a one-step (Jacobian-free) gradient is measurably off."""
+    f, x, z0, weights = _case("mlp")
+    ref, _ = _grads(DEQ(f, forward_solver=UNROLLED, backward="unrolled"), x, z0, weights)
+    approx, _ = _grads(DEQ(f, forward_solver=EXACT_FWD, backward="phantom", phantom_steps=1,
+                           phantom_damping=1.0), x, z0, weights)
+    errs = [((a - r).norm() / r.norm()).item() for a, r in zip(approx, ref)]
+    assert max(errs) > 1e-2, errs
+
+
+def test_phantom_gradient_approaches_exact_with_more_steps():
+    f, x, z0, weights = _case("mlp")
+    ref, _ = _grads(DEQ(f, forward_solver=UNROLLED, backward="unrolled"), x, z0, weights)
+    errs = []
+    for k in (1, 5, 40):
+        got, _ = _grads(DEQ(f, forward_solver=EXACT_FWD, backward="phantom", phantom_steps=k,
+                            phantom_damping=1.0), x, z0, weights)
+        errs.append(max(((g - r).norm() / r.norm()).item() for g, r in zip(got, ref)))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-3, errs
+
+
+def test_two_calls_before_one_backward():
+    f, x, z0, weights = _case("mlp")
+    x2 = torch.randn_like(x)
+    deq = DEQ(f, forward_solver=EXACT_FWD, backward_solver=EXACT_BWD)
+    one, _ = _grads(deq, x, z0, weights)
+    two, _ = _grads(deq, x2, z0, weights)
+    deq.zero_grad()
+    za, sa = deq(x, z0)
+    zb, sb = deq(x2, z0)
+    ((weights[0] * za).sum() + (weights[0] * zb).sum()).backward()
+    both = [p.grad for p in deq.parameters()]
+    _assert_rel_close(both, [a + b for a, b in zip(one[1:], two[1:])], 1e-9)
+    assert sa.backward is not None and sb.backward is not None and sa.backward is not sb.backward
+
+
+def test_no_grad_and_eval_return_the_equilibrium_without_a_graph():
+    f, x, z0, _ = _case("conv")
+    deq = DEQ(f, forward_solver=EXACT_FWD)
+    with torch.no_grad():
+        z, stats = deq(x, z0)
+    assert not z.requires_grad and stats.backward is None
+    torch.testing.assert_close(z, f(z, x), rtol=1e-10, atol=1e-10)
+    deq.eval()
+    z_eval, _ = deq(x, z0)
+    torch.testing.assert_close(z_eval, z)
+    with pytest.raises(RuntimeError, match="without autograd"):
+        stats.jacobian_inputs()
+
+
+def test_hard_stop_override_counts_calls():
+    f, x, z0, _ = _case("mlp")
+    deq = DEQ(f, forward_solver=EXACT_FWD)
+    with torch.no_grad():
+        for k in (1, 2, 5):
+            _, stats = deq(x, z0, forward_solver=EXACT_FWD.replace(max_iter=k))
+            assert stats.forward.nfe == k
+
+
+def test_multi_tensor_output_keeps_shapes():
+    f, x, z0, _ = _case("two_scale")
+    z, stats = DEQ(f, forward_solver=EXACT_FWD)(x, z0)
+    assert [t.shape for t in z] == [t.shape for t in z0]
+    assert stats.forward.z.shape == (2, 3 * 64 + 6 * 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(backward="adjoint"), "backward"),
+        (dict(phantom_steps=0), "phantom_steps"),
+        (dict(phantom_damping=0.0), "phantom_damping"),
+    ],
+)
+def test_bad_layer_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DEQ(MLPMap(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(method="secant"), "method"),
+        (dict(tol=0), "tol"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(stop_mode="relative"), "stop_mode"),
+        (dict(options={"window": 3}), "window"),
+    ],
+)
+def test_bad_solver_settings(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SolverSettings(**kwargs)

@@ -1,0 +1,127 @@
+"""Jacobian estimators against exact values, and the penalty policy."""
+
+import math
+
+import pytest
+import torch
+
+from deqlib import DEQ, SolverSettings
+from deqlib.jacobian import JacobianPenalty, frobenius_sq_per_dim, spectral_radius
+
+
+def _pair(seed=0, batch=3, dim=16, scale=0.9):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(dim, dim, generator=g, dtype=torch.float64) * scale / math.sqrt(dim)
+    x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T + x)
+    z = torch.randn(batch, dim, generator=g, dtype=torch.float64).requires_grad_()
+    exact = torch.stack([torch.autograd.functional.jacobian(
+        lambda v, b=b: torch.tanh(v @ W.T + x[b]), z[b].detach()) for b in range(batch)])  # (B, D, D)
+    return z, f(z), exact
+
+
+def test_hutchinson_mean_within_three_standard_errors():
+    z, fz, J = _pair()
+    d = z.shape[1]
+    exact = J.pow(2).sum(dim=(1, 2)) / d  # (B,)
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([frobenius_sq_per_dim(z, fz, 1, create_graph=False, generator=g)
+                         for _ in range(2000)])  # (N, B)
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
+    assert bool(((mean - exact).abs() <= 3 * se).all()), (mean, exact, se)
+    assert bool((se < 0.05 * exact).all())  # the check is tight, not vacuous
+
+
+def test_hutchinson_with_m_probes_averages_them():
+    z, fz, _ = _pair()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    two = frobenius_sq_per_dim(z, fz, 2, create_graph=False, generator=g1)
+    singles = [frobenius_sq_per_dim(z, fz, 1, create_graph=False, generator=g2) for _ in range(2)]
+    torch.testing.assert_close(two, (singles[0] + singles[1]) / 2)
+
+
+def test_hutchinson_is_differentiable_and_its_gradient_matches_exact():
+    """In expectation, the estimate's gradient w.r.t. a parameter is that of the exact
+    ||J||_F^2 / d (J = diag(1 - tanh^2) W depends on W twice; both paths must be kept)."""
+    W = (torch.randn(6, 6, dtype=torch.float64) * 0.5).requires_grad_()
+    z = torch.randn(2, 6, dtype=torch.float64).requires_grad_()
+
+    def fz():
+        return torch.tanh(z @ W.T)
+
+    exact = (((1 - fz() ** 2)[:, :, None] * W[None]) ** 2).sum(dim=(1, 2)).mean() / 6
+    (g_exact,) = torch.autograd.grad(exact, W)
+    g, n, total = torch.Generator().manual_seed(0), 3000, torch.zeros_like(W)
+    for _ in range(n):
+        total += torch.autograd.grad(frobenius_sq_per_dim(z, fz(), 1, generator=g).mean(), W)[0]
+    assert ((total / n - g_exact).norm() / g_exact.norm()) < 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_spectral_radius_within_one_percent_of_eigvals(seed):
+    z, fz, J = _pair(seed=seed, scale=2.0)
+    exact = torch.linalg.eigvals(J).abs().amax(dim=1)
+    est = spectral_radius(z, fz, n_iter=150, generator=torch.Generator().manual_seed(seed))
+    rel = ((est - exact).abs() / exact)
+    assert bool((rel < 0.01).all()), (est, exact)
+
+
+def test_spectral_radius_of_rotation_needs_two_vectors():
+    """A scaled rotation has a complex pair of equal modulus; one-vector power iteration
+    cannot see its modulus, the two-vector subspace iteration does."""
+    theta, r = 0.7, 0.9
+    R = r * torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]],
+                         dtype=torch.float64)
+    z = torch.randn(1, 2, dtype=torch.float64).requires_grad_()
+    est = spectral_radius(z, z @ R.T, n_iter=20)
+    assert abs(est.item() - r) < 1e-9
+
+
+def test_penalty_pair_from_deq_matches_exact_jacobian():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    deq = DEQ(lambda z, x: torch.tanh(lin(z) + x), forward_solver=SolverSettings(tol=1e-10, max_iter=200))
+    x = torch.randn(2, 8, dtype=torch.float64)
+    _, stats = deq(x, torch.zeros_like(x))
+    z, fz = stats.jacobian_inputs()
+    J = (1 - fz.detach() ** 2)[:, :, None] * lin.weight.detach()[None]
+    exact = torch.linalg.eigvals(J).abs().amax(dim=1)
+    torch.testing.assert_close(spectral_radius(z, fz, n_iter=300), exact, rtol=1e-2, atol=0)
+
+
+def test_penalty_schedule_and_frequency():
+    pen = JacobianPenalty(gamma=1.6, gamma_end=2.5, p=0.35, n_probes=2)
+    assert pen.weight(0, 101) == pytest.approx(1.6)
+    assert pen.weight(50, 101) == pytest.approx(2.05)
+    assert pen.weight(100, 101) == pytest.approx(2.5)
+    assert JacobianPenalty(gamma=0.5).weight(70, 100) == 0.5
+    g = torch.Generator().manual_seed(0)
+    hits = sum(pen.applies(g) for _ in range(4000))
+    assert abs(hits / 4000 - 0.35) < 3 * math.sqrt(0.35 * 0.65 / 4000)
+    assert not JacobianPenalty(gamma=0.0, p=1.0).applies(g)
+    assert not JacobianPenalty(gamma=2.0, p=0.0).applies(g)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(gamma=-0.1), "gamma"),
+        (dict(gamma=1.0, gamma_end=-1.0), "gamma_end"),
+        (dict(p=1.5), "p"),
+        (dict(p=-0.1), "p"),
+        (dict(n_probes=0), "n_probes"),
+    ],
+)
+def test_bad_penalty_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        JacobianPenalty(**kwargs)
+
+
+def test_bad_estimator_arguments():
+    z, fz, _ = _pair()
+    with pytest.raises(ValueError, match="n_probes"):
+        frobenius_sq_per_dim(z, fz, 0)
+    with pytest.raises(ValueError, match="n_iter"):
+        spectral_radius(z, fz, n_iter=0)

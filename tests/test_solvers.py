@@ -1,0 +1,178 @@
+"""Solvers against known fixed points, fault cases and argument checks."""
+
+import math
+
+import pytest
+import torch
+
+from deqlib import METHODS, solve
+from deqlib.measure import PeakMemory
+from conftest import linear_map
+
+ALL = sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_reaches_known_fixed_point(method, stop_mode, contractive_linear):
+    f, x, exact = contractive_linear
+    res = solve(f, torch.zeros_like(x), method=method, max_iter=200, tol=1e-10, stop_mode=stop_mode)
+    assert res.status == "converged", res.reason
+    assert bool(res.converged.all())
+    torch.testing.assert_close(res.z, exact, rtol=1e-8, atol=1e-8)
+    # Reported residuals are those of the returned iterate, recomputed independently.
+    fz = f(res.z)
+    torch.testing.assert_close(res.fz, fz)
+    abs_res = (fz - res.z).norm(dim=1)
+    torch.testing.assert_close(res.abs_residual, abs_res)
+    torch.testing.assert_close(res.rel_residual, abs_res / fz.norm(dim=1))
+    crit = res.rel_residual if stop_mode == "rel" else res.abs_residual
+    assert bool((crit < 1e-10).all())
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_traces_and_best_iterate(method, slow_linear):
+    f, x, _ = slow_linear
+    res = solve(f, torch.zeros_like(x), method=method, max_iter=25, tol=1e-12)
+    assert res.status == "max_iter" and res.nfe == 25
+    assert res.abs_trace.shape == (25, x.shape[0]) and res.rel_trace.shape == (25, x.shape[0])
+    # The returned iterate is the per-sample minimum of the trace, at the step it names.
+    torch.testing.assert_close(res.rel_residual, res.rel_trace.min(dim=0).values)
+    torch.testing.assert_close(res.rel_trace[res.best_step, torch.arange(x.shape[0])], res.rel_residual)
+    assert not bool(res.converged.any())
+
+
+def test_accelerated_methods_beat_plain_iteration():
+    f, x, exact = linear_map(60, 0.97, seed=1)
+    nfe = {}
+    for method in ALL:
+        res = solve(f, torch.zeros_like(x), method=method, max_iter=2000, tol=1e-6)
+        assert res.status == "converged", (method, res.reason)
+        torch.testing.assert_close(res.z, exact, rtol=1e-4, atol=1e-4)
+        nfe[method] = res.nfe
+    assert nfe["anderson"] < nfe["fixed_point"], nfe
+    assert nfe["broyden"] < nfe["fixed_point"], nfe
+
+
+def test_anderson_regularizer_is_scale_free():
+    """The same map with residuals scaled by 1e-4 takes the same number of steps."""
+    f, x, _ = linear_map(60, 0.97, seed=1)
+    big = solve(f, torch.zeros_like(x), method="anderson", max_iter=2000, tol=1e-6)
+    small = solve(lambda z: f(z * 1e4) * 1e-4, torch.zeros_like(x), method="anderson",
+                  max_iter=2000, tol=1e-6)
+    assert abs(big.nfe - small.nfe) <= 2, (big.nfe, small.nfe)
+
+
+def test_fixed_point_first_steps_of_broyden_and_anderson_are_plain_steps(contractive_linear):
+    f, x, _ = contractive_linear
+    plain = solve(f, torch.zeros_like(x), method="fixed_point", max_iter=2, tol=1e-30)
+    for method in ("anderson", "broyden"):
+        res = solve(f, torch.zeros_like(x), method=method, max_iter=2, tol=1e-30)
+        torch.testing.assert_close(res.abs_trace, plain.abs_trace)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_nan_returns_best_iterate_with_status_diverged(method, contractive_linear):
+    f, x, _ = contractive_linear
+    calls = {"n": 0}
+
+    def poisoned(z):
+        calls["n"] += 1
+        out = f(z)
+        return out * math.nan if calls["n"] >= 6 else out
+
+    res = solve(poisoned, torch.zeros_like(x), method=method, max_iter=50, tol=1e-12)
+    assert res.status == "diverged" and res.nfe == 6
+    assert bool(torch.isfinite(res.z).all()) and bool(torch.isfinite(res.fz).all())
+    assert bool((res.best_step < 5).all())
+    ref = solve(f, torch.zeros_like(x), method=method, max_iter=5, tol=1e-12)
+    torch.testing.assert_close(res.z, ref.z)
+
+
+def test_expanding_iteration_stops_as_diverged():
+    x = torch.ones(3, 5, dtype=torch.float64)
+    res = solve(lambda z: 3.0 * z + x, torch.zeros_like(x), method="fixed_point", max_iter=500)
+    assert res.status == "diverged" and res.nfe < 500
+    assert bool(torch.isfinite(res.z).all())
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_map_without_fixed_point_never_reports_convergence(method):
+    """g(z) = z^2 + z + 1 > 0 has no root: no method may claim one or raise."""
+    x = torch.ones(3, 5, dtype=torch.float64)
+    res = solve(lambda z: z * z + 2 * z + x, torch.zeros_like(x), method=method, max_iter=200)
+    assert res.status in ("diverged", "max_iter"), res.reason
+    assert bool(torch.isfinite(res.z).all())
+    assert bool((res.rel_residual <= res.rel_trace[0]).all())
+
+
+def test_singular_least_squares_does_not_raise():
+    """f(z) = z + c: all residuals equal, the unregularized Anderson system is singular."""
+    c = torch.ones(2, 8, dtype=torch.float64)
+    res = solve(lambda z: z + c, torch.zeros_like(c), method="anderson", lam=0.0, max_iter=20)
+    assert res.status in ("max_iter", "diverged")
+    assert bool(torch.isfinite(res.z).all())
+    res = solve(lambda z: z + c, torch.zeros_like(c), method="broyden", max_iter=20)
+    assert res.status in ("max_iter", "diverged")
+
+
+def test_per_sample_best_iterate_mixes_samples():
+    """Sample 0 contracts, sample 1 expands: each keeps its own best iterate."""
+    f, x, exact = linear_map(10, 0.5, batch=2)
+    scale = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    res = solve(lambda z: scale * f(z), torch.zeros_like(x), method="fixed_point", max_iter=20,
+                tol=1e-14, stop_mode="abs", diverge_factor=1e12)
+    assert res.status == "max_iter"
+    assert res.best_step.tolist() == [19, 0]
+    torch.testing.assert_close(res.z[0], exact[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.z[1], torch.zeros_like(x[1]))
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_memory_does_not_grow_with_max_iter(method):
+    f, x, _ = linear_map(200, 0.99, batch=4, seed=3, dtype=torch.float32)
+    peaks, nfes = [], []
+    for max_iter in (30, 300):
+        with PeakMemory() as pm:
+            res = solve(f, torch.zeros_like(x), method=method, max_iter=max_iter, tol=1e-7)
+        peaks.append(pm.peak)
+        nfes.append(res.nfe)
+    assert nfes[1] > 60, nfes  # the long solve really ran longer
+    state = x.numel() * x.element_size()
+    # Only the (N, B) residual traces may grow (abs and rel, listed and stacked): far below
+    # the max_iter states a preallocated history would add.
+    traces = 4 * x.shape[0] * x.element_size() * (nfes[1] - nfes[0])
+    assert peaks[1] - peaks[0] < state + traces, (peaks, state, traces)
+
+
+def test_multi_dim_state_shape_is_kept():
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    res = solve(lambda z: 0.5 * z + x, torch.zeros_like(x), method="anderson", tol=1e-9, max_iter=100)
+    assert res.z.shape == x.shape
+    torch.testing.assert_close(res.z, 2 * x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(method="newton"), "method"),
+        (dict(stop_mode="max"), "stop_mode"),
+        (dict(tol=0.0), "tol"),
+        (dict(tol=-1e-3), "tol"),
+        (dict(tol=math.nan), "tol"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(max_iter=2.5), "max_iter"),
+        (dict(method="anderson", m=0), "m"),
+        (dict(method="anderson", beta=1.5), "beta"),
+        (dict(method="anderson", lam=-1.0), "lam"),
+        (dict(method="broyden", window=0), "window"),
+        (dict(method="broyden", m=5), "m"),
+        (dict(method="fixed_point", f_stop_mode="abs"), "f_stop_mode"),
+    ],
+)
+def test_bad_arguments_raise_naming_them(kwargs, name):
+    calls = []
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=name):
+        solve(lambda z: calls.append(1) or z, x, **kwargs)
+    assert not calls, "validation must happen before any call of f"
