@@ -1,0 +1,115 @@
+"""Typed configuration read from ``params.yaml``.
+
+``params.yaml`` holds ``profile: paper | small`` and one section per experiment with a block per
+profile. :func:`load_experiment` picks the block, applies dotted overrides
+(``{"train.max_steps": 3}``) and builds nested dataclasses with :func:`build`, which rejects
+unknown keys (naming them and where they were) and lets each dataclass reject bad values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["build", "load_params", "load_experiment", "apply_overrides", "to_dict", "PROFILES"]
+
+PROFILES = ("paper", "small")
+T = TypeVar("T")
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return inner[0] if len(inner) == 1 else None
+    return None
+
+
+def build(cls: type[T], data: dict | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a dict, recursing into dataclass-typed fields.
+
+    Raises ValueError naming unknown keys (with their path) and wrapping value errors with the
+    path of the section they came from.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where or cls.__name__}; allowed: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_type(hints[name])
+        path = f"{where}.{name}" if where else name
+        if sub is not None and isinstance(value, dict):
+            value = build(sub, value, path)
+        elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"in {where or cls.__name__}: {err}") from None
+
+
+def to_dict(obj: Any) -> dict:
+    """A plain (YAML/JSON-able) dict of a dataclass tree."""
+    return dataclasses.asdict(obj)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def apply_overrides(section: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of ``section`` with dotted keys set (``"train.max_steps": 3``).
+
+    Keys need not be present in the YAML (a default may be overridden); :func:`build` then
+    rejects any that the config classes do not know, so a typo still fails loudly.
+    """
+    out = _deepcopy(section)
+    for dotted, value in (overrides or {}).items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_experiment(
+    cls: type[T],
+    experiment: str,
+    profile: str,
+    overrides: dict[str, Any] | None = None,
+    params_path: str | Path = "params.yaml",
+) -> T:
+    """The config of ``experiment`` for ``profile`` from ``params.yaml``, overrides applied."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile={profile!r}; choose one of {list(PROFILES)}")
+    params = load_params(params_path)
+    if experiment not in params:
+        raise ValueError(f"no section {experiment!r} in {params_path}; it has {sorted(params)}")
+    blocks = params[experiment]
+    if profile not in blocks:
+        raise ValueError(f"section {experiment!r} has no profile {profile!r}")
+    section = apply_overrides(blocks[profile], overrides or {})
+    return build(cls, section, f"{experiment}.{profile}")

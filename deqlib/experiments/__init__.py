@@ -1,0 +1,1 @@
+"""Experiment drivers: config + run + evaluation of one experiment each, called by notebooks."""

@@ -1,0 +1,5 @@
+"""Models built on the DEQ layer."""
+
+from .synthetic import SyntheticDEQ, SyntheticModelConfig
+
+__all__ = ["SyntheticDEQ", "SyntheticModelConfig"]

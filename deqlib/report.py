@@ -1,0 +1,85 @@
+"""Results beside the paper's: the reference numbers (with sources), metric and curve files
+that DVC reads, and one plotting style."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PAPER", "write_metrics", "write_curves", "use_style", "make_output_dir"]
+
+# Versioned reference numbers; each with where it comes from.
+PAPER: dict[str, dict[str, Any]] = {
+    "synthetic.claim_fit": {
+        "value": "all gamma fit the target",
+        "source": "supplement A.1 and Figure 5 (Bai, Koltun, Kolter 2021)",
+    },
+    "synthetic.claim_flat": {
+        "value": "larger gamma flattens z_out = f(z; x) around the fixed point and needs fewer NFEs",
+        "source": "supplement A.1, Figure 5 caption",
+    },
+    "synthetic.noise_var": {"value": 0.05, "source": "supplement A.1: delta ~ N(0, 0.05)"},
+    "synthetic.nfe_threshold": {"value": "6 / 6", "source": "supplement Table 4, Synthetic column"},
+}
+
+
+def make_output_dir(path: str | os.PathLike | None) -> Path | None:
+    """Create and return ``path`` (None or "" means: write nothing)."""
+    if not path:
+        return None
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Mapping):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_metrics(out: Path | None, metrics: Mapping[str, Any], name: str = "metrics.json") -> None:
+    """A DVC metrics file (JSON; non-finite numbers become null)."""
+    if out is not None:
+        _atomic_write_text(out / name, json.dumps(_clean(metrics), indent=2, sort_keys=True) + "\n")
+
+
+def write_curves(out: Path | None, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    """A DVC plots file (CSV with a header; the union of the rows' keys)."""
+    if out is None:
+        return
+    rows = list(rows)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = out / f".{name}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / name)
+
+
+def use_style() -> None:
+    """The suite's one plotting style."""
+    import matplotlib
+
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    matplotlib.rcParams.update({"figure.dpi": 80, "savefig.dpi": 120, "figure.autolayout": True})

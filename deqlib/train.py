@@ -1,0 +1,277 @@
+"""One training loop for every experiment, on Accelerate.
+
+A model plugs in by returning a :class:`StepOutput` from ``model(batch, pretrain=bool)``: the
+task loss, the :class:`~deqlib.deq.DEQStats` of its equilibrium solve (None while pretraining
+an explicit weight-tied stack) and any extra scalars to log. The loop adds the Jacobian
+penalty, steps the optimizer and the cosine schedule, clips gradients, records per-step
+statistics and writes checkpoints atomically.
+
+Determinism and exact resume: every random draw of step ``t`` (data order, dropout, the
+Bernoulli draw of the penalty and its probes) comes from generators seeded by ``(seed, t)``
+or ``(seed, epoch)``, so a run resumed from a checkpoint at step ``k`` is bit-for-bit the
+uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .deq import DEQStats, SolverSettings
+from .jacobian import JacobianPenalty
+
+__all__ = ["TrainConfig", "StepOutput", "TensorBatches", "train", "TrainResult", "atomic_save"]
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization, solver thresholds and the Jacobian penalty (Table 4's rows).
+
+    ``max_steps`` caps the run below ``epochs`` (a step-limit override for smoke runs).
+    ``forward`` / ``backward`` are the solver settings (``max_iter`` is the NFE threshold).
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    pretrain_steps: int = 0
+    seed: int = 0
+    mixed_precision: str = "no"
+    checkpoint_every: int = 0
+    forward: SolverSettings = field(default_factory=lambda: SolverSettings(max_iter=30, tol=1e-3))
+    backward: SolverSettings = field(default_factory=lambda: SolverSettings(max_iter=30, tol=1e-4))
+    jacobian: JacobianPenalty = field(default_factory=JacobianPenalty)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "pretrain_steps", "seed", "checkpoint_every"):
+            _check_int(name, getattr(self, name), 0)
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, 1)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer={self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"unknown mixed_precision={self.mixed_precision!r}; choose one of {list(PRECISIONS)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got lr={self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={self.weight_decay!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got momentum={self.momentum!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got grad_clip={self.grad_clip!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+
+
+@dataclass
+class StepOutput:
+    """What ``model(batch, pretrain=...)`` returns to the loop."""
+
+    loss: Tensor
+    stats: DEQStats | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TensorBatches:
+    """Shuffled mini-batches of aligned tensors, reproducible from ``(seed, epoch)``.
+
+    ``tensors``: each ``(N, ...)``. ``batch(epoch, i, rank, world)`` is the ``i``-th batch of
+    ``epoch``, this process's share of it. ``transform(batch, generator)`` may augment.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        batch_size: int,
+        seed: int = 0,
+        transform: Callable[[tuple[Tensor, ...], torch.Generator], tuple[Tensor, ...]] | None = None,
+    ):
+        n = tensors[0].shape[0]
+        if any(t.shape[0] != n for t in tensors):
+            raise ValueError(f"tensors differ in length: {[t.shape[0] for t in tensors]}")
+        if batch_size > n:
+            raise ValueError(f"batch_size={batch_size} exceeds the {n} examples")
+        self.tensors, self.batch_size, self.seed, self.transform = tuple(tensors), batch_size, seed, transform
+        self.steps_per_epoch = n // batch_size  # drop the ragged last batch
+
+    def batch(self, epoch: int, i: int, rank: int = 0, world: int = 1) -> tuple[Tensor, ...]:
+        perm = torch.randperm(self.tensors[0].shape[0], generator=_gen(self.seed, epoch))
+        idx = perm[i * self.batch_size:(i + 1) * self.batch_size][rank::world]
+        out = tuple(t[idx] for t in self.tensors)
+        if self.transform is not None:
+            out = self.transform(out, _gen(self.seed, epoch, i, 1))
+        return out
+
+
+def _gen(*key: int) -> torch.Generator:
+    """A generator seeded by a tuple of ints (stable across runs and processes)."""
+    seed = 0
+    for k in key:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    records: list[dict[str, float]]
+    steps: int
+    resumed_from: int
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _mean(t: Tensor | None) -> float:
+    return float("nan") if t is None else float(t.float().mean())
+
+
+def train(
+    model: nn.Module,
+    data: TensorBatches,
+    cfg: TrainConfig,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    accelerator: Any = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` with ``cfg``; resume from ``run_dir/checkpoint.pt`` if there.
+
+    Args:
+        run_dir: where checkpoints go (None: no checkpoints).
+        stop_after: stop (after checkpointing) once this many steps are done, as if killed;
+            used to test exact resume.
+        accelerator: an ``accelerate.Accelerator``; one is made from ``cfg`` if None.
+    Returns:
+        The per-step records (of the whole run, resumed part included).
+    """
+    from accelerate import Accelerator
+
+    if accelerator is None:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    total = cfg.epochs * data.steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    optimizer = _make_optimizer(model, cfg)
+    ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
+    start, records = 0, []
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, records = state["step"], state["records"]
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        # A slow refresh: in a notebook every refresh is a stored output.
+        bar = tqdm(total=total, initial=start, desc="train", leave=False, mininterval=5.0, maxinterval=60.0)
+
+    step = start
+    for step in range(start, total):
+        if stop_after is not None and step >= stop_after:
+            break
+        t0 = time.perf_counter()
+        epoch, i = divmod(step, data.steps_per_epoch)
+        torch.manual_seed(_gen(cfg.seed, step, 2).initial_seed())  # dropout etc. of this step
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total, cfg.warmup_steps, cfg.schedule)
+        batch = tuple(t.to(accelerator.device) for t in data.batch(epoch, i, accelerator.process_index,
+                                                                    accelerator.num_processes))
+        wrapped.train()
+        pretrain = step < cfg.pretrain_steps
+        with accelerator.autocast():
+            out: StepOutput = wrapped(batch, pretrain=pretrain)
+            loss = out.loss
+            jac_est = None
+            gen = _gen(cfg.seed, step, 3)
+            if out.stats is not None and cfg.jacobian.applies(gen):
+                z_star, f_star = out.stats.jacobian_inputs()
+                jr, jac_est = cfg.jacobian.loss(z_star, f_star, step, total, gen)
+                loss = loss + jr
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip is not None:
+            accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+        optimizer.step()
+        st = out.stats
+        rec = {
+            "step": step,
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+            "loss": float(out.loss.detach()),
+            "pretrain": float(pretrain),
+            "fwd_nfe": float(st.forward.nfe) if st else float("nan"),
+            "fwd_rel_res": _mean(st.forward.rel_residual) if st else float("nan"),
+            "bwd_nfe": float(st.backward.nfe) if st and st.backward else float("nan"),
+            "bwd_rel_res": _mean(st.backward.rel_residual) if st and st.backward else float("nan"),
+            "jac_fro": math.sqrt(float(jac_est)) if jac_est is not None else float("nan"),
+            "step_time_s": time.perf_counter() - t0,
+            **out.metrics,
+        }
+        records.append(rec)
+        done = step + 1
+        if ckpt_path is not None and accelerator.is_main_process and (
+            (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total
+            or done == stop_after
+        ):
+            atomic_save({"model": accelerator.unwrap_model(wrapped).state_dict(),
+                         "optimizer": optimizer.state_dict(), "step": done, "records": records},
+                        ckpt_path)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3g}", nfe=f"{rec['fwd_nfe']:.0f}/{rec['bwd_nfe']:.0f}",
+                            refresh=False)
+    if bar is not None:
+        bar.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(records=records, steps=len(records), resumed_from=start)

@@ -1,0 +1,1 @@
+"""The runner DVC stages call: ``python -m pipelines.run EXPERIMENT``."""

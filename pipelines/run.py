@@ -1,0 +1,80 @@
+"""Run one experiment's notebook headless for the chosen profile.
+
+    python -m pipelines.run synthetic [--profile small] [--set train.max_steps=3] [--out DIR]
+
+Converts the percent-format source ``notebooks/NN_name.py`` with jupytext, executes it with
+papermill (injecting ``profile``, ``overrides`` and ``output_dir``) in the ``notebooks/``
+folder (the folder nbval runs it in), and writes ``DIR/notebook.ipynb`` beside the metrics,
+curves and figures the notebook writes there. The paired ``.ipynb`` is never written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = {
+    "synthetic": "01_synthetic.py",
+}
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, yaml.safe_load(value)
+
+
+def run(experiment: str, profile: str | None = None, overrides: dict | None = None,
+        out: str | Path | None = None, params_path: str | Path | None = None) -> Path:
+    import jupytext
+    import papermill
+
+    if experiment not in NOTEBOOKS:
+        raise SystemExit(f"unknown experiment {experiment!r}; known: {sorted(NOTEBOOKS)}")
+    params_path = Path(params_path or ROOT / "params.yaml").resolve()
+    if profile is None:
+        profile = (yaml.safe_load(params_path.read_text()) or {}).get("profile", "paper")
+    out = Path(out or ROOT / "outputs" / experiment).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    source = ROOT / "notebooks" / NOTEBOOKS[experiment]
+    nb = jupytext.read(source)
+    nb.metadata.pop("jupytext", None)  # the executed copy is not paired with anything
+    with tempfile.TemporaryDirectory() as tmp:
+        src_ipynb = Path(tmp) / "input.ipynb"
+        jupytext.write(nb, src_ipynb, fmt="ipynb")
+        partial = out / ".notebook.partial.ipynb"
+        papermill.execute_notebook(
+            str(src_ipynb), str(partial),
+            parameters={"profile": profile, "overrides": dict(overrides or {}),
+                        "output_dir": str(out), "params_path": str(params_path)},
+            kernel_name="python3", language="python", cwd=str(source.parent),
+            progress_bar=False, log_output=True,
+        )
+    final = out / "notebook.ipynb"
+    os.replace(partial, final)  # a failed run leaves no executed notebook behind
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=sorted(NOTEBOOKS))
+    p.add_argument("--profile", choices=["paper", "small"], help="default: params.yaml's profile")
+    p.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                   metavar="KEY=VALUE", help="override a parameter of the profile (repeatable)")
+    p.add_argument("--out", help="output folder (default outputs/EXPERIMENT)")
+    args = p.parse_args(argv)
+    path = run(args.experiment, args.profile, dict(args.overrides), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

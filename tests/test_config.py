@@ -1,0 +1,70 @@
+"""params.yaml -> typed configs: every profile builds; unknown keys and bad values are named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deqlib.config import PROFILES, apply_overrides, build, load_experiment
+from deqlib.experiments.synthetic import SyntheticExperiment
+from deqlib.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = {"synthetic": SyntheticExperiment}
+
+
+def test_default_profile_is_paper():
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["profile"] == "paper"
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_builds(experiment, profile):
+    cfg = load_experiment(EXPERIMENTS[experiment], experiment, profile, params_path=ROOT / "params.yaml")
+    assert isinstance(cfg, EXPERIMENTS[experiment])
+
+
+def test_synthetic_paper_profile_is_table4():
+    cfg = load_experiment(SyntheticExperiment, "synthetic", "paper", params_path=ROOT / "params.yaml")
+    t = cfg.train
+    assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.schedule) == (50, 64, "adam", 1e-3, "cosine")
+    assert (t.forward.max_iter, t.backward.max_iter, t.forward.tol, t.backward.tol) == (6, 6, 1e-3, 1e-4)
+    assert (t.jacobian.p, t.jacobian.n_probes) == (0.4, 1)
+    assert cfg.eval.gammas == (0.0, 1.0, 2.0, 4.0)
+    assert (cfg.data.n_train, cfg.data.n_valid, cfg.model.hidden) == (4096, 1000, 50)
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"train": {"stop_mode": "abs"}}, r"unknown key\(s\) \['stop_mode'\] in x.train"),
+        ({"train": {"forward": {"f_stop_mode": "abs"}}}, r"'f_stop_mode'.*x.train.forward"),
+        ({"train": {"lr": -1.0}}, r"x.train.*lr=-1.0"),
+        ({"train": {"epochs": 0}}, r"epochs=0"),
+        ({"train": {"jacobian": {"p": 1.5}}}, r"x.train.jacobian.*p=1.5"),
+        ({"train": {"forward": {"tol": 0}}}, r"tol=0"),
+        ({"data": {"noise_var": -1}}, r"noise_var=-1"),
+        ({"eval": {"gammas": [-1.0]}}, r"gammas"),
+        ({"model": {"hidden": 0}}, r"hidden=0"),
+    ],
+)
+def test_bad_sections_are_rejected_naming_the_value(section, message):
+    with pytest.raises(ValueError, match=message):
+        build(SyntheticExperiment, section, "x")
+
+
+def test_overrides_set_defaults_and_typos_fail():
+    section = {"train": {"epochs": 3}}
+    cfg = build(SyntheticExperiment, apply_overrides(section, {"train.max_steps": 5}))
+    assert cfg.train.max_steps == 5 and cfg.train.epochs == 3
+    with pytest.raises(ValueError, match="max_step"):
+        build(SyntheticExperiment, apply_overrides(section, {"train.max_step": 5}))
+    with pytest.raises(ValueError, match="profile"):
+        load_experiment(SyntheticExperiment, "synthetic", "large", params_path=ROOT / "params.yaml")
+
+
+def test_train_config_rejects_unknown_choices():
+    for kwargs, name in [({"optimizer": "lamb"}, "optimizer"), ({"schedule": "step"}, "schedule"),
+                         ({"mixed_precision": "fp8"}, "mixed_precision"), ({"grad_clip": 0}, "grad_clip")]:
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**kwargs)

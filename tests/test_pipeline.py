@@ -1,0 +1,56 @@
+"""The pipeline end to end: nbval on the committed notebooks, and each experiment's paper
+profile starting and training a few steps on a CPU with tiny data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.run import NOTEBOOKS, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A step limit and tiny data per experiment: enough to start, train and write every output.
+PAPER_SMOKE = {
+    "synthetic": {"train.max_steps": 3, "data.n_train": 256, "data.n_valid": 64, "eval.nfe_cap": 20},
+}
+
+
+def test_every_notebook_has_a_smoke_override():
+    assert set(PAPER_SMOKE) == set(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("experiment", sorted(NOTEBOOKS))
+def test_paper_profile_starts_and_trains_on_cpu(experiment, tmp_path):
+    nb = run(experiment, profile="paper", overrides=PAPER_SMOKE[experiment], out=tmp_path)
+    assert nb == tmp_path / "notebook.ipynb" and nb.exists()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics, "the notebook wrote no metrics"
+    assert (tmp_path / "curves.csv").read_text().count("\n") > 1
+    executed = json.loads(nb.read_text())
+    params = next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+    assert '"paper"' in "".join(params["source"])
+
+
+def test_runner_rejects_a_bad_override(tmp_path):
+    with pytest.raises(Exception, match="max_step"):
+        run("synthetic", profile="small", overrides={"train.max_step": 3}, out=tmp_path)
+    assert not (tmp_path / "notebook.ipynb").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")))
+def test_committed_notebook_outputs_reproduce(notebook):
+    """nbval re-runs the notebook and compares every output not marked NBVAL_IGNORE_OUTPUT."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
+         "--nbval-cell-timeout=1200", str(ROOT / "notebooks" / notebook)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_every_source_is_paired():
+    for src in (ROOT / "notebooks").glob("[0-9]*.py"):
+        assert src.with_suffix(".ipynb").exists(), f"{src.name} has no paired .ipynb"
