@@ -4,9 +4,16 @@
 
 ``solvers``: each method on an MDEQ-sized conv map f(z) = GN(s * conv(relu(conv(z))) + x),
 whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
-Prints time to tolerance, NFE, the overhead ratio ``solve time / (NFE x median f time)`` and
-the solver's extra memory (peak live bytes of the solve minus those of one f call) at two
+Prints time to tolerance, NFE, the overhead ratio ``solve time / (NFE x median f time)``, the
+solver's own time per f call (solve time minus the time spent inside f, over NFE) and the
+solver's extra memory (peak live bytes of the solve minus those of one f call) at two
 ``max_iter`` values.
+
+On CPU the time of one f call depends on glibc's heap trimming: freed 8 MB blocks are given
+back to the OS and page-faulted in again on the next call, 0 to ~18000 faults per call (24 to
+50 ms here) depending on the heap layout of the process. The overhead ratio therefore moves by
+~25% between identical runs; the own-time column much less (it is measured against the f
+calls of the same solve).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +80,22 @@ def calibrated_conv_map(
     return f
 
 
+def _own_time_per_iter(f: ConvMap, z0: Tensor, method: str, max_iter: int, tol: float) -> float:
+    """Seconds per f call that one solve spends outside f: its own work, whatever the time
+    of f happens to be in this process (f's page faults vary between runs)."""
+    inside = [0.0]
+
+    def timed_f(z: Tensor) -> Tensor:
+        t0 = time.perf_counter()
+        out = f(z)
+        inside[0] += time.perf_counter() - t0
+        return out
+
+    t0 = time.perf_counter()
+    res = solve(timed_f, z0, method=method, max_iter=max_iter, tol=tol)
+    return (time.perf_counter() - t0 - inside[0]) / res.nfe
+
+
 @torch.no_grad()
 def bench_solvers(
     batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 3,
@@ -80,15 +104,18 @@ def bench_solvers(
     f = calibrated_conv_map(batch, channels, size, tol, seed)
     z0 = torch.zeros(batch, channels, size, size)
     f_time = median_time(lambda: f(z0 + 0.1), repeats=max(5, repeats))
+    z1 = z0 + 0.1  # made outside the memory block: the input's bytes are not f's
     with PeakMemory() as pm:
-        f(z0 + 0.1)
+        f(z1)
     f_peak = pm.peak
+    del z1
     state_bytes = z0.numel() * z0.element_size()
     rows = []
     for method in sorted(METHODS):
         res = solve(f, z0, method=method, max_iter=max_iters[0], tol=tol)
         t = median_time(lambda: solve(f, z0, method=method, max_iter=max_iters[0], tol=tol),
                         repeats=repeats, warmup=0)
+        own = _own_time_per_iter(f, z0, method, max_iters[0], tol)
         mem = {}
         for mi in max_iters:
             with PeakMemory() as pm:
@@ -101,6 +128,7 @@ def bench_solvers(
             "max_rel_residual": float(res.rel_residual.max()),
             "time_s": t,
             "overhead": t / (res.nfe * f_time),
+            "own_ms_per_iter": own * 1e3,
             **{f"extra_mem_mb_max_iter_{mi}": mem[mi] / 2**20 for mi in max_iters},
             **{f"extra_mem_states_max_iter_{mi}": mem[mi] / state_bytes for mi in max_iters},
         })
@@ -120,11 +148,12 @@ def _print_solvers(report: dict) -> None:
           f"one state {p['state_mb']:.1f} MB; {report['device']}, torch {report['torch']}")
     mis = [k.rsplit("_", 1)[1] for k in report["rows"][0] if k.startswith("extra_mem_mb_")]
     head = f"{'method':<12}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}"
+    head += f"{'own ms/it':>11}"
     head += "".join(f"{'mem MB @' + m:>14}" for m in mis)
     print(head)
     for r in report["rows"]:
         line = (f"{r['method']:<12}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
-                f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}")
+                f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}{r['own_ms_per_iter']:>11.1f}")
         line += "".join(f"{r['extra_mem_mb_max_iter_' + m]:>14.1f}" for m in mis)
         print(line)
 

@@ -176,3 +176,80 @@ def test_bad_arguments_raise_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         solve(lambda z: calls.append(1) or z, x, **kwargs)
     assert not calls, "validation must happen before any call of f"
+
+
+def _explicit_broyden_trace(f, z, max_iter, window):
+    """Reference: limited-memory good Broyden with explicit u_i, v_i (restart when full)."""
+    U, V = [], []
+
+    def hinv(y):  # Hinv y = -y + sum_i u_i (v_i . y)
+        out = -y
+        for u, v in zip(U, V):
+            out = out + u * (v * y).sum(1, keepdim=True)
+        return out
+
+    def hinv_t(y):  # Hinv^T y = -y + sum_i v_i (u_i . y)
+        out = -y
+        for u, v in zip(U, V):
+            out = out + v * (u * y).sum(1, keepdim=True)
+        return out
+
+    g = f(z) - z
+    trace = [g.norm(dim=1)]
+    dx = g
+    while len(trace) < max_iter:
+        z = z + dx
+        g_new = f(z) - z
+        trace.append(g_new.norm(dim=1))
+        dg = g_new - g
+        v = hinv_t(dx)
+        denom = (v * dg).sum(1, keepdim=True)
+        u = (dx - hinv(dg)) / denom
+        if len(U) == window:
+            U, V = [], []
+        U.append(u)
+        V.append(v)
+        g = g_new
+        dx = -hinv(g)
+    return torch.stack(trace)
+
+
+@pytest.mark.parametrize("window", [1, 3, 20])
+def test_broyden_compact_form_matches_explicit_rank_one_updates(window):
+    """The compact storage (residual basis + small coefficients) is the same algorithm,
+    restarts included: same residual trace as the explicit u_i, v_i form."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(30, 30, generator=g, dtype=torch.float64) * 0.15
+    x = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T) + x  # noqa: E731  (nonlinear, contractive)
+    z0 = torch.zeros_like(x)
+    res = solve(f, z0, method="broyden", window=window, max_iter=12, tol=1e-30)
+    ref = _explicit_broyden_trace(f, z0, 12, window)
+    torch.testing.assert_close(res.abs_trace, ref, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_anderson_matches_reference_mixing(beta, slow_linear):
+    """F kept by reference in ring slots gives the textbook update
+    z = sum_i a_i (beta f_i + (1 - beta) z_i) over the last m iterates."""
+    from deqlib.solvers import _anderson_weights
+
+    f, x, _ = slow_linear
+    m, z, hist, trace = 3, torch.zeros_like(x), [], []
+    for _ in range(15):
+        fz = f(z)
+        trace.append((fz - z).norm(dim=1))
+        hist = (hist + [(z, fz)])[-m:]
+        G = torch.stack([fi - zi for zi, fi in hist], 1)
+        a = _anderson_weights(G @ G.transpose(1, 2), 1e-4, len(hist) - 1)
+        z = sum(a[:, i : i + 1] * (beta * fi + (1 - beta) * zi) for i, (zi, fi) in enumerate(hist))
+    res = solve(f, torch.zeros_like(x), method="anderson", m=m, beta=beta, max_iter=15, tol=1e-30)
+    torch.testing.assert_close(res.abs_trace, torch.stack(trace), rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_damped_iteration_reaches_known_fixed_point(method, contractive_linear):
+    f, x, exact = contractive_linear
+    res = solve(f, torch.zeros_like(x), method=method, beta=0.5, max_iter=300, tol=1e-10)
+    assert res.status == "converged", res.reason
+    torch.testing.assert_close(res.z, exact, rtol=1e-8, atol=1e-8)
