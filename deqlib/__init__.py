@@ -1,9 +1,10 @@
 """deqlib: deep equilibrium models with Jacobian regularization.
 
-Layers (each imports only the ones above it): ``solvers`` -> ``deq`` -> ``jacobian``.
+Layers (each imports only the ones above it): ``solvers`` -> ``deq`` -> ``jacobian`` -> ``nn``
+-> ``models``; beside them ``data``, ``train``, ``measure``, ``report``.
 """
 
-from . import jacobian
+from . import jacobian, nn
 from .deq import BACKWARD_MODES, DEQ, DEQStats, SolverSettings, StatePacker
 from .solvers import METHODS, STOP_MODES, SolverResult, solve
 
@@ -18,5 +19,6 @@ __all__ = [
     "StatePacker",
     "BACKWARD_MODES",
     "jacobian",
+    "nn",
 ]
 __version__ = "0.1.0"

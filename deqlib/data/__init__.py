@@ -1,5 +1,6 @@
-"""Data sets: the 1D synthetic target (more to come: CIFAR-10, WikiText, ImageNet)."""
+"""Data sets: the 1D synthetic target; download helpers shared by the real data sets."""
 
+from .download import DATA_ENV, DownloadError, data_root, download, extract
 from .synthetic import SyntheticConfig, make_synthetic, target_function
 
-__all__ = ["SyntheticConfig", "make_synthetic", "target_function"]
+__all__ = ["DATA_ENV", "DownloadError", "data_root", "download", "extract", "SyntheticConfig", "make_synthetic", "target_function"]

@@ -1,0 +1,115 @@
+"""Fetching data sets: canonical URLs, known checksums, atomic writes, clear errors.
+
+A file is downloaded to ``<dest>.partial-<pid>``, its checksum checked, and only then renamed
+onto ``dest``, so an interrupted or corrupt download never looks complete. Archives are
+extracted into a temporary sibling folder that is renamed into place at the end.
+
+Where data lives is configuration: :func:`data_root` reads an explicit parameter first, then the
+``DEQLIB_DATA`` environment variable, and never guesses a path of this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+__all__ = ["DATA_ENV", "data_root", "file_digest", "download", "extract", "DownloadError"]
+
+DATA_ENV = "DEQLIB_DATA"
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched, or its checksum did not match."""
+
+
+def data_root(configured: str | os.PathLike | None = None) -> Path:
+    """The data folder: ``configured`` if given (non-empty), else ``$DEQLIB_DATA``.
+
+    Raises ``ValueError`` when neither is set, naming both ways to set it.
+    """
+    if configured not in (None, ""):
+        return Path(configured).expanduser()
+    env = os.environ.get(DATA_ENV, "")
+    if env:
+        return Path(env).expanduser()
+    raise ValueError(f"no data root: set the experiment's data.root parameter or the {DATA_ENV} "
+                     "environment variable")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str | os.PathLike, checksum: str, algorithm: str = "sha256",
+             timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` unless a file with the right checksum is already there.
+
+    Args:
+        checksum: expected hex digest of the file (``algorithm``: ``"sha256"`` or ``"md5"``).
+    Raises:
+        DownloadError: offline / HTTP failure (naming the URL and where to put the file by
+            hand) or a checksum mismatch (the bad file is removed, never left at ``dest``).
+    """
+    dest = Path(dest)
+    if dest.exists():
+        got = file_digest(dest, algorithm)
+        if got == checksum:
+            return dest
+        raise DownloadError(f"{dest} exists but its {algorithm} is {got}, expected {checksum}; "
+                            "delete it to download again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                shutil.copyfileobj(resp, out, 1 << 20)
+        except (urllib.error.URLError, OSError) as err:
+            raise DownloadError(f"could not download {url} ({err}); with no network, place the "
+                                f"file at {dest} by hand") from err
+        got = file_digest(tmp, algorithm)
+        if got != checksum:
+            raise DownloadError(f"checksum mismatch for {url}: {algorithm} {got}, expected {checksum}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def extract(archive: str | os.PathLike, into: str | os.PathLike, member_root: str) -> Path:
+    """Extract ``archive`` (tar or zip) so that ``into/member_root`` appears complete or not at all.
+
+    ``member_root`` is the top-level folder the archive holds (e.g. ``cifar-10-batches-py``).
+    Returns ``into/member_root``.
+    """
+    into = Path(into)
+    final = into / member_root
+    if final.exists():
+        return final
+    tmp = into / f".extract-{member_root}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        archive = Path(archive)
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(tmp, filter="data")
+        if not (tmp / member_root).is_dir():
+            raise DownloadError(f"{archive} holds no folder {member_root!r}")
+        os.replace(tmp / member_root, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

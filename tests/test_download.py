@@ -1,0 +1,70 @@
+"""deqlib.data.download: atomic, checksummed, clear errors; tested on local files only."""
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from deqlib.data.download import DATA_ENV, DownloadError, data_root, download, extract
+
+
+def _payload(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"deq" * 1000)
+    return src, hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_download_file_url_with_checksum(tmp_path):
+    src, digest = _payload(tmp_path)
+    dest = download(src.as_uri(), tmp_path / "out" / "data.bin", digest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert [p.name for p in dest.parent.iterdir()] == ["data.bin"]  # no partial file left
+    assert download("file:///nonexistent", dest, digest) == dest  # present and valid: no fetch
+
+
+def test_checksum_mismatch_leaves_nothing(tmp_path):
+    src, _ = _payload(tmp_path)
+    dest = tmp_path / "out" / "data.bin"
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        download(src.as_uri(), dest, "0" * 64)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_offline_error_names_url_and_destination(tmp_path):
+    dest = tmp_path / "data.bin"
+    with pytest.raises(DownloadError, match=r"could not download file:///no/such/file.*place the file at"):
+        download("file:///no/such/file", dest, "0" * 64)
+    assert not dest.exists()
+
+
+def test_existing_corrupt_file_is_reported(tmp_path):
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(b"corrupt")
+    with pytest.raises(DownloadError, match="exists but its sha256"):
+        download("file:///unused", dest, "0" * 64)
+
+
+def test_extract_is_all_or_nothing(tmp_path):
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        data = b"hello"
+        info = tarfile.TarInfo("root/x.txt")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    out = extract(archive, tmp_path / "data", "root")
+    assert (out / "x.txt").read_bytes() == b"hello"
+    with pytest.raises(Exception, match="holds no folder 'other'"):
+        extract(archive, tmp_path / "data2", "other")
+    assert not (tmp_path / "data2" / "other").exists()
+    assert [p.name for p in (tmp_path / "data2").iterdir()] == []
+
+
+def test_data_root_from_parameter_or_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    with pytest.raises(ValueError, match=DATA_ENV):
+        data_root(None)
+    assert data_root(str(tmp_path)) == tmp_path
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    assert data_root("") == tmp_path / "env"
+    assert data_root(str(tmp_path)) == tmp_path
