@@ -65,6 +65,8 @@ def test_data_root_from_parameter_or_environment(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=DATA_ENV):
         data_root(None)
     assert data_root(str(tmp_path)) == tmp_path
+    assert data_root("../d", base=tmp_path) == tmp_path / "../d"
+    assert data_root(str(tmp_path), base="/elsewhere") == tmp_path
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
     assert data_root("") == tmp_path / "env"
     assert data_root(str(tmp_path)) == tmp_path

@@ -28,13 +28,17 @@ class DownloadError(RuntimeError):
     """A file could not be fetched, or its checksum did not match."""
 
 
-def data_root(configured: str | os.PathLike | None = None) -> Path:
+def data_root(configured: str | os.PathLike | None = None, base: str | os.PathLike | None = None) -> Path:
     """The data folder: ``configured`` if given (non-empty), else ``$DEQLIB_DATA``.
 
+    A relative ``configured`` path is resolved against ``base`` when given: experiments pass
+    the folder of ``params.yaml`` (the repository root), so ``../shared/data/...`` in
+    ``params.yaml`` means the same from a notebook, a test or the DVC stage.
     Raises ``ValueError`` when neither is set, naming both ways to set it.
     """
     if configured not in (None, ""):
-        return Path(configured).expanduser()
+        path = Path(configured).expanduser()
+        return Path(base) / path if base is not None and not path.is_absolute() else path
     env = os.environ.get(DATA_ENV, "")
     if env:
         return Path(env).expanduser()
