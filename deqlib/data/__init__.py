@@ -2,5 +2,7 @@
 
 from .download import DATA_ENV, DownloadError, data_root, download, extract
 from .synthetic import SyntheticConfig, make_synthetic, target_function
+from .wikitext import LMStream, Vocabulary, WikiTextData, batchify, load_wikitext
 
-__all__ = ["DATA_ENV", "DownloadError", "data_root", "download", "extract", "SyntheticConfig", "make_synthetic", "target_function"]
+__all__ = ["DATA_ENV", "DownloadError", "data_root", "download", "extract", "SyntheticConfig", "make_synthetic", "target_function",
+           "LMStream", "Vocabulary", "WikiTextData", "batchify", "load_wikitext"]
