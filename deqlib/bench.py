@@ -1,6 +1,14 @@
 """Benchmarks that print measured figures (never asserted in tests).
 
     python -m deqlib.bench solvers [--batch 32 --channels 64 --size 32 --tol 1e-3]
+    python -m deqlib.bench mdeq [--profile paper --batch 96 --precision no --steps 5]
+
+``mdeq``: one training step of the CIFAR-10 MDEQ of ``params.yaml`` (forward solve, implicit
+backward, Adam step) on random images, without and with the Jacobian penalty applied at that
+step; prints the median step time and the peak memory (``torch.cuda.max_memory_allocated`` on
+a GPU, else the peak of live tensor bytes from :class:`deqlib.measure.PeakMemory`), with the
+device named. The solver thresholds are the profile's, so every step runs the full 7 / 8 calls
+unless the tolerance is met first.
 
 ``solvers``: each method on an MDEQ-sized conv map f(z) = GN(s * conv(relu(conv(z))) + x),
 whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
@@ -30,7 +38,7 @@ from torch import Tensor, nn
 from .measure import PeakMemory, median_time
 from .solvers import METHODS, solve
 
-__all__ = ["ConvMap", "calibrated_conv_map", "bench_solvers", "main"]
+__all__ = ["ConvMap", "calibrated_conv_map", "bench_solvers", "bench_mdeq", "main"]
 
 
 class ConvMap(nn.Module):
@@ -158,6 +166,86 @@ def _print_solvers(report: dict) -> None:
         print(line)
 
 
+def bench_mdeq(profile: str = "paper", batch: int = 96, precision: str = "no", steps: int = 5,
+               params_path: str = "params.yaml", device: str | None = None, seed: int = 0) -> dict:
+    """Step time and peak memory of the CIFAR-10 MDEQ, without and with the penalty."""
+    from .config import load_experiment
+    from .experiments.cifar import CifarExperiment
+    from .models.mdeq import MDEQ
+
+    exp = load_experiment(CifarExperiment, "cifar10", profile, params_path=params_path)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    torch.manual_seed(seed)
+    size = exp.model.image_size
+    x = torch.randn(batch, exp.model.in_channels, size, size, device=dev)
+    y = torch.randint(0, exp.model.num_classes, (batch,), device=dev)
+    penalty = exp.train.jacobian
+    rows = []
+    for jr in (False, True):
+        torch.manual_seed(seed)
+        model = MDEQ(exp.model, exp.train.forward, exp.train.backward).to(dev).train()
+        opt = torch.optim.Adam(model.parameters(), lr=exp.train.lr)
+        scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+        nfe: list[tuple[int, int]] = []
+
+        def forward_backward() -> None:
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model((x, y))
+                loss = out.loss
+                if jr:
+                    z, fz = out.stats.jacobian_inputs()
+                    loss = loss + penalty.loss(z, fz, 0, 1)[0]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            nfe.append((out.stats.forward.nfe, out.stats.backward.nfe))
+
+        def step() -> None:
+            forward_backward()
+            scaler.step(opt)
+            scaler.update()
+
+        step()  # warm-up: kernels chosen, Adam state allocated
+        t = median_time(step, repeats=steps, warmup=0)
+        opt.zero_grad(set_to_none=True)
+        # Peak memory of forward + backward (the paper's training-memory comparison), then of a
+        # whole step (the optimizer's update adds temporaries the size of the parameters).
+        peaks = []
+        for fn in (forward_backward, step):
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                fn()
+                torch.cuda.synchronize(dev)
+                peaks.append(torch.cuda.max_memory_allocated(dev))
+            else:
+                with PeakMemory() as pm:
+                    fn()
+                peaks.append(pm.peak)
+        kind = ("torch.cuda.max_memory_allocated (parameters and Adam state included)" if cuda else
+                "deqlib.measure.PeakMemory (live tensor bytes made inside; parameters and Adam state not included)")
+        rows.append({"arm": "MDEQ + JR (penalty on this step)" if jr else "MDEQ", "step_time_s": t,
+                     "peak_fwd_bwd_mb": peaks[0] / 2**20, "peak_step_mb": peaks[1] / 2**20,
+                     "fwd_nfe": nfe[-1][0], "bwd_nfe": nfe[-1][1]})
+        del model, opt
+    name = torch.cuda.get_device_name(dev) if cuda else (
+        f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+    return {"profile": profile, "batch": batch, "precision": precision, "device": name,
+            "memory": kind, "torch": torch.__version__, "channels": list(exp.model.channels), "rows": rows}
+
+
+def _print_mdeq(report: dict) -> None:
+    print(f"MDEQ ({report['profile']} profile, scales {report['channels']}), batch {report['batch']}, "
+          f"precision {report['precision']}; {report['device']}, torch {report['torch']}")
+    print(f"memory: {report['memory']}")
+    print(f"{'arm':<34}{'step s':>9}{'peak MB fwd+bwd':>17}{'peak MB step':>14}{'NFE f/b':>9}")
+    for r in report["rows"]:
+        print(f"{r['arm']:<34}{r['step_time_s']:>9.3f}{r['peak_fwd_bwd_mb']:>17.0f}{r['peak_step_mb']:>14.0f}"
+              f"{r['fwd_nfe']:>6}/{r['bwd_nfe']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqlib.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,7 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tol", type=float, default=1e-3)
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--json", help="also write the figures to this JSON file")
+    m = sub.add_parser("mdeq", help="step time and peak memory of the CIFAR-10 MDEQ, without and with JR")
+    m.add_argument("--profile", choices=["paper", "small"], default="paper")
+    m.add_argument("--batch", type=int, default=96)
+    m.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
+    m.add_argument("--steps", type=int, default=5, help="timed steps (median), after one warm-up step")
+    m.add_argument("--params", default="params.yaml", help="the params.yaml to read the profile from")
+    m.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.bench == "mdeq":
+        for name in ("batch", "steps"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params)
+        _print_mdeq(report)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=2)
+        return 0
     for name in ("batch", "channels", "size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
