@@ -21,6 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
     "synthetic": "01_synthetic.py",
+    "solvers": "07_solvers.py",
 }
 
 

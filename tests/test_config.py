@@ -6,11 +6,12 @@ import pytest
 import yaml
 
 from deqlib.config import PROFILES, apply_overrides, build, load_experiment
+from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
 from deqlib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = {"synthetic": SyntheticExperiment}
+EXPERIMENTS = {"synthetic": SyntheticExperiment, "solvers": SolversExperiment}
 
 
 def test_default_profile_is_paper():

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # A step limit and tiny data per experiment: enough to start, train and write every output.
 PAPER_SMOKE = {
     "synthetic": {"train.max_steps": 3, "data.n_train": 256, "data.n_valid": 64, "eval.nfe_cap": 20},
+    "solvers": {"synthetic.batch": 64, "conv.batch": 2, "conv.channels": 16, "conv.size": 8,
+                "conv.groups": 4, "hard_nfe": [50, 80], "repeats": 1, "radius_iters": 10},
 }
 
 
