@@ -8,7 +8,7 @@ import torch
 from deqlib.bench import ConvMap, calibrate_scale
 from deqlib.experiments.solvers import (
     LIBRARIES, METHODS, PROBLEMS, CallRecorder, ConvSpec, SolversExperiment, SyntheticSpec,
-    build_problem, compare, gradient_error, library_solver, measure_solve, reference,
+    build_problem, compare, gradient_error, library_solver, measure_solve, recommendations, reference,
     resolve_libraries, torchdeq_version,
 )
 from deqlib.jacobian import spectral_radius
@@ -166,3 +166,23 @@ def test_bad_names_raise_naming_them():
         library_solver("jaxopt", "anderson")
     with pytest.raises(ValueError, match="'jaxopt'"):
         resolve_libraries(["deqlib", "jaxopt"])
+
+
+def _row(problem, method, fwd, bwd, ok=True):
+    return {"problem": problem, "library": "deqlib", "method": method, "fwd_nfe": fwd, "bwd_nfe": bwd,
+            "fwd_converged": ok, "bwd_converged": ok}
+
+
+def test_recommendation_follows_the_call_counts():
+    rows = [_row("a", "fixed_point", 20, 20), _row("a", "anderson", 10, 10), _row("a", "broyden", 12, 12),
+            _row("b", "fixed_point", 20, 20), _row("b", "anderson", 17, 17),
+            _row("c", "fixed_point", 200, 200, ok=False), _row("c", "broyden", 90, 90),
+            _row("d", "anderson", 50, 50, ok=False)]
+    recs = {r["problem"]: r for r in recommendations(rows, min_saving=1.3)}
+    assert recs["a"]["use"] == "anderson" and recs["a"]["saving"] == 2.0
+    assert recs["b"]["use"] == "fixed_point" and recs["b"]["calls fwd+bwd"] == 40  # 1.18x < 1.3x
+    assert recs["c"]["use"] == "broyden" and recs["c"]["plain iteration calls"] == "not converged"
+    assert recs["d"]["use"] == "none converged"
+    assert recommendations(rows, min_saving=1.0)[1]["use"] == "anderson"
+    with pytest.raises(ValueError, match="min_saving=0.5"):
+        recommendations(rows, min_saving=0.5)

@@ -499,11 +499,14 @@ class Comparison:
 def describe_problem(problem: Problem, exp: SolversExperiment) -> tuple[dict, Reference, dict]:
     """Reference solve, spectral radius at ``z*`` and the time/peak of one call of ``f`` and
     of one backward step. Returns (info row, reference, baselines)."""
+    t0 = time.perf_counter()
     ref = reference(problem, exp.reference_tol, exp.reference_max_iter)
+    t_ref = time.perf_counter() - t0
     z_star = ref.z_star.to(problem.z0.dtype)
     bw = _Backward(problem, z_star)
     gen = torch.Generator().manual_seed(exp.seed + 2)
     rho = spectral_radius(bw.z, bw.fz, n_iter=exp.radius_iters, generator=gen)
+    t_rho = time.perf_counter() - t0 - t_ref
     with torch.no_grad():
         f_s = _call_time(lambda: problem.f(z_star), exp.repeats)
         f_peak = _peak_of(lambda: problem.f(z_star))
@@ -517,8 +520,16 @@ def describe_problem(problem: Problem, exp: SolversExperiment) -> tuple[dict, Re
         "f_ms": f_s * 1e3, "vjp_step_ms": b_s * 1e3, "state_mb": problem.z0.numel() * 4 / 2**20,
         "ref_fwd_residual": ref.forward_residual, "ref_bwd_residual": ref.backward_residual,
         "ref_fwd_nfe": ref.forward_nfe, "ref_bwd_nfe": ref.backward_nfe,
+        "reference_s": t_ref, "radius_s": t_rho,
     }
     return info, ref, {"f_s": f_s, "f_peak": f_peak, "b_s": b_s, "b_peak": b_peak}
+
+
+def call_time_drift(problem: Problem, base: dict, z: Tensor, repeats: int) -> float:
+    """Time of one call of ``f`` now over the one measured before the runs: far from 1 means
+    something else shared the CPU while the runs were timed."""
+    with torch.no_grad():
+        return _call_time(lambda: problem.f(z), repeats) / base["f_s"]
 
 
 def run_one(problem: Problem, library: str, method: str, exp: SolversExperiment, ref: Reference,
@@ -553,16 +564,25 @@ def compare(exp: SolversExperiment, log: Callable[[str], None] | None = None) ->
         problem = build_problem(name, exp)
         info, ref, base = describe_problem(problem, exp)
         out.problems.append(info)
-        log(f"{name}: built and described in {time.perf_counter() - t0:.1f} s "
-            f"(one call {info['f_ms']:.3f} ms, backward step {info['vjp_step_ms']:.3f} ms)")
-        for library in libs:
-            for method in exp.methods:
+        log(f"{name}: built and described in {time.perf_counter() - t0:.1f} s (reference "
+            f"{info['reference_s']:.1f} s, spectral radius {info['radius_s']:.1f} s; one call "
+            f"{info['f_ms']:.3f} ms, backward step {info['vjp_step_ms']:.3f} ms)")
+        # Libraries alternate within each method, so that a disturbance of the machine during
+        # the runs hits both sides of a ratio alike.
+        for method in exp.methods:
+            for library in libs:
                 t0 = time.perf_counter()
                 row, curves = run_one(problem, library, method, exp, ref, base)
                 out.rows.append(row)
                 out.curves.extend(curves)
                 log(f"  {library:>8} {method:<11} fwd NFE {row['fwd_nfe']:>4} "
                     f"bwd NFE {row['bwd_nfe']:>4}  ({time.perf_counter() - t0:.1f} s)")
+        info["f_time_drift"] = call_time_drift(problem, base, ref.z_star.to(problem.z0.dtype), exp.repeats)
+        if abs(info["f_time_drift"] - 1) > 0.25:
+            log(f"  WARNING: one call of f now takes {info['f_time_drift']:.2f}x its time before the "
+                "runs: the machine was shared, timings of this problem are unreliable")
+    out.rows.sort(key=lambda r: (exp.problems.index(r["problem"]), LIBRARIES.index(r["library"]),
+                                 METHODS.index(r["method"])))
     return out
 
 
@@ -595,24 +615,34 @@ def time_ratios(rows: Sequence[dict], direction: str = "fwd") -> dict[str, dict]
     return out
 
 
-def recommendations(rows: Sequence[dict], library: str = "deqlib") -> list[dict]:
-    """Per problem, the ``library`` method that converged forward and backward with the fewest
-    calls in all (ties go to the simpler method, in :data:`METHODS` order). Deterministic: it
-    uses NFE only, which decides time wherever a call of f dominates the overhead."""
+def recommendations(rows: Sequence[dict], library: str = "deqlib", min_saving: float = 1.3) -> list[dict]:
+    """Per problem, which ``library`` method to use, from NFE only (deterministic).
+
+    Among methods that converged forward and backward, take the one with the fewest calls in
+    all (ties go to the simpler method, in :data:`METHODS` order). An accelerated method is
+    recommended over plain iteration only when it saves at least ``min_saving`` times the
+    calls (or plain iteration did not converge): each of its iterations costs more than a call
+    of ``f`` (about 1.3x a call at CIFAR size on CPU, the measured overhead), which a smaller
+    saving does not pay back.
+    """
+    if not min_saving >= 1:
+        raise ValueError(f"min_saving must be >= 1, got min_saving={min_saving!r}")
     out = []
     for problem in dict.fromkeys(r["problem"] for r in rows):
         cand = [r for r in rows if r["problem"] == problem and r["library"] == library]
         ok = [r for r in cand if r["fwd_converged"] and r["bwd_converged"]]
+        calls = {r["method"]: r["fwd_nfe"] + r["bwd_nfe"] for r in ok}
         if not ok:
-            out.append({"problem": problem, "use": "none converged", "NFE fwd+bwd": None,
-                        "vs fixed point": None})
+            out.append({"problem": problem, "use": "none converged", "calls fwd+bwd": None,
+                        "plain iteration calls": None, "saving": None})
             continue
-        best = min(ok, key=lambda r: (r["fwd_nfe"] + r["bwd_nfe"], METHODS.index(r["method"])))
-        fp = next((r for r in cand if r["method"] == "fixed_point"), None)
-        vs = (f"{(fp['fwd_nfe'] + fp['bwd_nfe']) / (best['fwd_nfe'] + best['bwd_nfe']):.1f}x fewer calls"
-              if fp is not None and best is not fp else "-")
-        out.append({"problem": problem, "use": best["method"],
-                    "NFE fwd+bwd": best["fwd_nfe"] + best["bwd_nfe"], "vs fixed point": vs})
+        best = min(ok, key=lambda r: (calls[r["method"]], METHODS.index(r["method"])))["method"]
+        plain = calls.get("fixed_point")
+        saving = plain / calls[best] if plain is not None else math.inf
+        use = best if saving >= min_saving else "fixed_point"
+        out.append({"problem": problem, "use": use, "calls fwd+bwd": calls[use],
+                    "plain iteration calls": plain if plain is not None else "not converged",
+                    "saving": round(saving, 1) if plain is not None else None})
     return out
 
 
