@@ -11,9 +11,11 @@ solver's extra memory (peak live bytes of the solve minus those of one f call) a
 
 On CPU the time of one f call depends on glibc's heap trimming: freed 8 MB blocks are given
 back to the OS and page-faulted in again on the next call, 0 to ~18000 faults per call (24 to
-50 ms here) depending on the heap layout of the process. The overhead ratio therefore moves by
+50 ms here) depending on the heap layout of the process. The overhead ratio therefore moved by
 ~25% between identical runs; the own-time column much less (it is measured against the f
-calls of the same solve).
+calls of the same solve). ``main`` now calls :func:`deqlib.measure.steady_malloc` first, which
+sets the same limits as ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
+from inside the process, so that freed blocks stay in the heap.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .measure import PeakMemory, median_time
+from .measure import PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
 
 __all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers", "main"]
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.tol > 0:
         parser.error(f"--tol must be > 0, got {args.tol}")
+    steady_malloc()
     report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
     _print_solvers(report)
     if args.json:

@@ -186,3 +186,13 @@ def test_recommendation_follows_the_call_counts():
     assert recommendations(rows, min_saving=1.0)[1]["use"] == "anderson"
     with pytest.raises(ValueError, match="min_saving=0.5"):
         recommendations(rows, min_saving=0.5)
+
+
+def test_steady_malloc_applies_on_glibc():
+    import platform
+
+    from deqlib.measure import steady_malloc
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert steady_malloc() is True
