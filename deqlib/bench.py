@@ -19,9 +19,11 @@ solver's extra memory (peak live bytes of the solve minus those of one f call) a
 
 On CPU the time of one f call depends on glibc's heap trimming: freed 8 MB blocks are given
 back to the OS and page-faulted in again on the next call, 0 to ~18000 faults per call (24 to
-50 ms here) depending on the heap layout of the process. The overhead ratio therefore moves by
+50 ms here) depending on the heap layout of the process. The overhead ratio therefore moved by
 ~25% between identical runs; the own-time column much less (it is measured against the f
-calls of the same solve).
+calls of the same solve). ``main`` now calls :func:`deqlib.measure.steady_malloc` first, which
+sets the same limits as ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
+from inside the process, so that freed blocks stay in the heap.
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .measure import PeakMemory, median_time
+from .measure import PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
 
-__all__ = ["ConvMap", "calibrated_conv_map", "bench_solvers", "bench_mdeq", "main"]
+__all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers", "bench_mdeq", "main"]
 
 
 class ConvMap(nn.Module):
@@ -52,15 +55,44 @@ class ConvMap(nn.Module):
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.norm = nn.GroupNorm(groups, channels)
-        self.x = x
+        self.register_buffer("x", x)  # a buffer: ``.double()`` and ``.to()`` carry the input along
         self.scale = scale
 
     def forward(self, z: Tensor) -> Tensor:
         return self.norm(self.scale * self.conv2(torch.relu(self.conv1(z))) + self.x)
 
 
-def _plain_nfe(f: ConvMap, z0: Tensor, tol: float, cap: int = 80) -> int:
-    return solve(f, z0, method="fixed_point", max_iter=cap, tol=tol).nfe
+def _plain_nfe(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float, cap: int = 80) -> int:
+    """Calls plain iteration needs to reach ``tol``; ``cap + 1`` when it does not (so that a
+    diverging run, stopped early, never reads as a fast one)."""
+    res = solve(f, z0, method="fixed_point", max_iter=cap, tol=tol)
+    return res.nfe if res.status == "converged" else cap + 1
+
+
+def calibrate_scale(
+    set_scale: Callable[[float], Callable[[Tensor], Tensor]], z0: Tensor, tol: float,
+    target: tuple[int, int] = (20, 40), hi: float = 64.0, steps: int = 30,
+) -> float:
+    """The scale ``s`` at which plain iteration of ``set_scale(s)`` from ``z0`` needs between
+    ``target[0]`` and ``target[1]`` calls to reach ``tol`` (bisection on ``[0, hi]``).
+
+    ``set_scale(s)`` returns the map at scale ``s``; larger ``s`` must mean slower convergence.
+    Plain iteration stops at ``target[1] + 1`` calls, when the verdict "too slow" is known.
+    Returns the last scale tried (the bisection stops as soon as one lands in ``target``).
+    """
+    if not 1 <= target[0] <= target[1]:
+        raise ValueError(f"target must be (lo, hi) with 1 <= lo <= hi, got target={target!r}")
+    lo, mid = 0.0, 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        nfe = _plain_nfe(set_scale(mid), z0, tol, cap=target[1] + 1)
+        if nfe < target[0]:
+            lo = mid
+        elif nfe > target[1]:
+            hi = mid
+        else:
+            break
+    return mid
 
 
 def calibrated_conv_map(
@@ -68,22 +100,18 @@ def calibrated_conv_map(
 ) -> ConvMap:
     """A seeded ConvMap whose plain iteration needs ``target`` calls to reach ``tol``.
 
-    The scale is found by bisection on a batch of 4, then checked on the full batch.
+    The scale is found by bisection on a batch of 4 (:func:`calibrate_scale`); the full batch
+    may need a few calls more or less.
     """
     torch.manual_seed(seed)
     x = torch.randn(batch, channels, size, size)
     f = ConvMap(channels, x[:4]).eval()
-    z0 = torch.zeros_like(x[:4])
-    lo, hi = 0.0, 64.0
-    for _ in range(30):
-        f.scale = mid = (lo + hi) / 2
-        nfe = _plain_nfe(f, z0, tol)
-        if nfe < target[0]:
-            lo = mid
-        elif nfe > target[1]:
-            hi = mid
-        else:
-            break
+
+    def set_scale(s: float) -> ConvMap:
+        f.scale = s
+        return f
+
+    f.scale = calibrate_scale(set_scale, torch.zeros_like(x[:4]), tol, target)
     f.x = x
     return f
 
@@ -280,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.tol > 0:
         parser.error(f"--tol must be > 0, got {args.tol}")
+    steady_malloc()
     report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
     _print_solvers(report)
     if args.json:

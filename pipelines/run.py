@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
     "synthetic": "01_synthetic.py",
     "cifar10": "03_cifar10.py",
+    "solvers": "07_solvers.py",
 }
 
 

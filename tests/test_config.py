@@ -7,11 +7,12 @@ import yaml
 
 from deqlib.config import PROFILES, apply_overrides, build, load_experiment
 from deqlib.experiments.cifar import CifarExperiment
+from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
 from deqlib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment}
+EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "solvers": SolversExperiment}
 
 
 def test_default_profile_is_paper():

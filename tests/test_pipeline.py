@@ -18,6 +18,8 @@ PAPER_SMOKE = {
     "cifar10": {"data.root": "../shared/data/cifar-10-subset", "data.download": False, "data.n_test": 8,
                 "train.max_steps": 2, "train.batch_size": 4, "eval.batch_size": 8, "eval.nfe": [1, 2],
                 "eval.nfe_cap": 4},
+    "solvers": {"synthetic.batch": 64, "conv.batch": 2, "conv.channels": 16, "conv.size": 8,
+                "conv.groups": 4, "hard_nfe": [50, 80], "repeats": 1, "radius_iters": 10},
 }
 
 
