@@ -184,8 +184,9 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Ten
 
 def normalize(x: Tensor) -> Tensor:
     """``uint8 (B, 3, H, W)`` in 0..255 -> float32 standardized per channel."""
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    # float32 whatever torch's default dtype is, so the inputs never change with it
+    mean = torch.tensor(CIFAR_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, dtype=torch.float32).view(1, 3, 1, 1)
     return (x.float() / 255.0 - mean) / std
 
 
