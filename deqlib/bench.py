@@ -2,6 +2,7 @@
 
     python -m deqlib.bench solvers [--batch 32 --channels 64 --size 32 --tol 1e-3]
     python -m deqlib.bench mdeq [--profile paper --batch 96 --precision no --steps 5]
+    python -m deqlib.bench transformer [--profile paper --batch 15 --set model.d_inner=2000]
 
 ``mdeq``: one training step of the CIFAR-10 MDEQ of ``params.yaml`` (forward solve, implicit
 backward, Adam step) on random images, without and with the Jacobian penalty applied at that
@@ -9,6 +10,9 @@ step; prints the median step time and the peak memory (``torch.cuda.max_memory_a
 a GPU, else the peak of live tensor bytes from :class:`deqlib.measure.PeakMemory`), with the
 device named. The solver thresholds are the profile's, so every step runs the full 7 / 8 calls
 unless the tolerance is met first.
+
+``transformer``: training-step time and memory of the DEQ-Transformer without and with the
+penalty and of the explicit weight-tied stack (see :func:`bench_transformer`).
 
 ``solvers``: each method on an MDEQ-sized conv map f(z) = GN(s * conv(relu(conv(z))) + x),
 whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
@@ -41,7 +45,8 @@ from torch import Tensor, nn
 from .measure import PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
 
-__all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers", "bench_mdeq", "main"]
+__all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers", "bench_mdeq",
+           "bench_transformer", "main"]
 
 
 class ConvMap(nn.Module):
@@ -274,6 +279,106 @@ def _print_mdeq(report: dict) -> None:
               f"{r['fwd_nfe']:>6}/{r['bwd_nfe']}")
 
 
+def bench_transformer(profile: str = "paper", batch: int = 15, overrides: dict | None = None,
+                      vocab: int = 267_735, repeats: int = 3, params_path: str | None = None,
+                      seed: int = 0) -> dict:
+    """Training-step time and memory of the DEQ-Transformer (Post-LN) without and with the
+    Jacobian penalty, and of the explicit weight-tied stack of ``model.n_layer`` layers, at
+    ``batch`` segments of ``tgt_len`` tokens with a full memory of ``mem_len`` positions.
+
+    A step is forward + loss (+ the penalty term, applied every step here) + backward; the
+    optimizer step is left out (the same for all). Tokens are random over ``vocab`` words (the
+    default is WikiText-103's 267,735), so no data set is needed. Memory: on CUDA the peak
+    allocated bytes of a step above what was allocated before it; on any device the bytes
+    autograd saves for backward (``saved``: all, ``core``: the layer(s) only) and, on CPU, the
+    peak of live tensors created during the step (``peak``).
+    """
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .config import load_experiment
+    from .experiments.wikitext import WikiTextExperiment, activation_memory
+    from .models.transformer import DEQTransformerLM, Memory
+
+    root = Path(__file__).resolve().parent.parent
+    exp = load_experiment(WikiTextExperiment, "wikitext", profile, overrides or {},
+                          params_path or root / "params.yaml")
+    cfg, tcfg = replace(exp.model, pre_ln=False), exp.train
+    cfg.check_vocab(vocab)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, cfg.tgt_len + 1), generator=g).to(device)
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    rows = []
+    for name, explicit, penalty in (("deq", False, None), ("deq+jr", False, replace(tcfg.jacobian, p=1.0)),
+                                    ("explicit", True, None)):
+        torch.manual_seed(seed)
+        model = DEQTransformerLM(cfg, vocab, tcfg.forward, tcfg.backward, explicit=explicit).to(device).train()
+        memory = None
+        if cfg.mem_len:
+            memory = Memory(torch.randn(batch, cfg.mem_len, cfg.d_model, generator=g).to(device),
+                            torch.zeros(batch, cfg.mem_len, 3 * cfg.n_head * cfg.d_head, device=device))
+        nfe = {}
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            out = model.run(inputs, targets, memory)
+            loss = out.loss
+            if penalty is not None:
+                z, fz = out.stats.jacobian_inputs()
+                loss = loss + penalty.loss(z, fz, 0, 1)[0]
+            loss.backward()
+            if out.stats is not None:
+                nfe["forward"], nfe["backward"] = out.stats.forward.nfe, out.stats.backward.nfe
+
+        seconds = median_time(step, repeats=repeats, warmup=1)
+        row = {"model": name, "layers": cfg.n_layer if explicit else None, "step_s": seconds,
+               "fwd_nfe": nfe.get("forward"), "bwd_nfe": nfe.get("backward")}
+        saved = activation_memory(model, inputs, targets, penalty)
+        row["saved_bytes"], row["core_saved_bytes"] = saved["total"], saved["core"]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            model.zero_grad(set_to_none=True)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        else:
+            model.zero_grad(set_to_none=True)
+            with PeakMemory() as pm:
+                step()
+            row["peak_bytes"] = pm.peak
+        rows.append(row)
+        del model
+    base_time = next(r["step_s"] for r in rows if r["model"] == "explicit")
+    for r in rows:
+        r["time_vs_explicit"] = r["step_s"] / base_time
+    dev = (torch.cuda.get_device_name() if device.type == "cuda"
+           else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    return {"profile": profile, "overrides": dict(overrides or {}), "batch": batch, "tgt_len": cfg.tgt_len,
+            "mem_len": cfg.mem_len, "d_model": cfg.d_model, "d_inner": cfg.d_inner, "vocab": vocab,
+            "forward": f"{tcfg.forward.method} {tcfg.forward.max_iter}",
+            "backward": f"{tcfg.backward.method} {tcfg.backward.max_iter}",
+            "device": dev, "torch": torch.__version__, "rows": rows}
+
+
+def _print_transformer(report: dict) -> None:
+    r = report
+    print(f"DEQ-Transformer ({r['profile']} profile{', ' + str(r['overrides']) if r['overrides'] else ''}): "
+          f"batch {r['batch']}, tgt_len {r['tgt_len']}, mem_len {r['mem_len']}, d_model {r['d_model']}, "
+          f"d_inner {r['d_inner']}, vocab {r['vocab']}; solvers {r['forward']} / {r['backward']}; "
+          f"{r['device']}, torch {r['torch']}")
+    peak_key = "cuda_peak_bytes" if "cuda_peak_bytes" in r["rows"][0] else "peak_bytes"
+    print(f"{'model':<10}{'layers':>7}{'NFE f/b':>9}{'step s':>9}{'vs expl.':>10}{'saved MB':>10}"
+          f"{'core MB':>9}{('CUDA peak MB' if peak_key == 'cuda_peak_bytes' else 'peak MB'):>14}")
+    for row in r["rows"]:
+        nfe = f"{row['fwd_nfe']}/{row['bwd_nfe']}" if row["fwd_nfe"] is not None else "-"
+        print(f"{row['model']:<10}{row['layers'] or '-':>7}{nfe:>9}{row['step_s']:>9.3f}"
+              f"{row['time_vs_explicit']:>10.2f}{row['saved_bytes'] / 2**20:>10.1f}"
+              f"{row['core_saved_bytes'] / 2**20:>9.1f}{row[peak_key] / 2**20:>14.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqlib.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--steps", type=int, default=5, help="timed steps (median), after one warm-up step")
     m.add_argument("--params", default="params.yaml", help="the params.yaml to read the profile from")
     m.add_argument("--json", help="also write the figures to this JSON file")
+    t = sub.add_parser("transformer", help="DEQ-Transformer step time and memory: DEQ, DEQ + JR, explicit stack")
+    t.add_argument("--profile", choices=["paper", "small"], default="paper")
+    t.add_argument("--batch", type=int, default=15)
+    t.add_argument("--vocab", type=int, default=267_735, help="vocabulary size (WikiText-103's by default)")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of the wikitext profile, e.g. model.d_inner=2000")
+    t.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.bench == "mdeq":
         for name in ("batch", "steps"):
@@ -299,23 +412,33 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params)
         _print_mdeq(report)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(report, fh, indent=2)
-        return 0
-    for name in ("batch", "channels", "size", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.tol > 0:
-        parser.error(f"--tol must be > 0, got {args.tol}")
-    steady_malloc()
-    report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
-    _print_solvers(report)
+    elif args.bench == "transformer":
+        import yaml
+
+        overrides = {}
+        for item in args.overrides:
+            if "=" not in item:
+                parser.error(f"--set expects KEY=VALUE, got {item!r}")
+            key, value = item.split("=", 1)
+            overrides[key] = yaml.safe_load(value)
+        for name in ("batch", "vocab", "repeats"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        report = bench_transformer(args.profile, args.batch, overrides, args.vocab, args.repeats)
+        _print_transformer(report)
+    else:
+        for name in ("batch", "channels", "size", "repeats"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if not args.tol > 0:
+            parser.error(f"--tol must be > 0, got {args.tol}")
+        steady_malloc()
+        report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
+        _print_solvers(report)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ NOTEBOOKS = {
     "synthetic": "01_synthetic.py",
     "cifar10": "03_cifar10.py",
     "solvers": "07_solvers.py",
+    "wikitext": "02_wikitext.py",
 }
 
 

@@ -9,10 +9,12 @@ from deqlib.config import PROFILES, apply_overrides, build, load_experiment
 from deqlib.experiments.cifar import CifarExperiment
 from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
+from deqlib.experiments.wikitext import WikiTextExperiment
 from deqlib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "solvers": SolversExperiment}
+EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "solvers": SolversExperiment,
+               "wikitext": WikiTextExperiment}
 
 
 def test_default_profile_is_paper():
@@ -46,6 +48,22 @@ def test_cifar10_paper_profile_is_table4():
     assert (t.jacobian.gamma, t.jacobian.gamma_end, t.jacobian.p, t.jacobian.n_probes) == (0.5, None, 0.05, 1)
     assert cfg.data.root == "" and cfg.data.download and cfg.data.augment and cfg.data.pad == 4
     assert cfg.eval.tol == 1e-3 and cfg.eval.nfe[:6] == (1, 2, 3, 4, 5, 6)
+
+
+def test_wikitext_paper_profile_is_table4():
+    cfg = load_experiment(WikiTextExperiment, "wikitext", "paper", params_path=ROOT / "params.yaml")
+    t, m = cfg.train, cfg.model
+    assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.schedule) == (23, 60, "adam", 2.5e-4, "cosine")
+    assert t.warmup_steps > 0 and t.pretrain_steps > 0
+    assert (t.forward.max_iter, t.backward.max_iter, t.forward.tol, t.backward.tol) == (12, 12, 1e-3, 1e-4)
+    assert (t.jacobian.gamma, t.jacobian.gamma_end, t.jacobian.p) == (1.6, 2.5, 0.35)
+    assert (m.d_model, m.n_head, m.d_head, m.tgt_len, m.mem_len, m.dropout) == (700, 10, 70, 150, 150, 0.06)
+    assert (m.cutoffs, m.div_val, m.d_inner, m.n_layer) == ((20000, 40000, 200000), 4.0, 48000, 18)
+    assert cfg.eval.memory_batch == 15 and "pre_ln" in cfg.eval.arms and cfg.eval.max_tokens is None
+    assert (cfg.data.folder, cfg.data.eval_file, cfg.data.download) == ("wikitext-103", "wiki.test.tokens", True)
+    small = load_experiment(WikiTextExperiment, "wikitext", "small", params_path=ROOT / "params.yaml")
+    assert (small.data.train_file, small.data.eval_file) == ("valid.txt", "test.txt")
+    assert {"post_ln", "post_ln_jr", "pre_ln_jr"} <= set(small.eval.arms)
 
 
 @pytest.mark.parametrize(

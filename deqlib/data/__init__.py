@@ -4,5 +4,11 @@ from .download import DATA_ENV, DownloadError, data_root, download, extract
 from .synthetic import SyntheticConfig, make_synthetic, target_function
 from .cifar import Cifar10, CifarDataConfig, load_cifar10
 
-__all__ = ["DATA_ENV", "DownloadError", "data_root", "download", "extract", "SyntheticConfig", "make_synthetic", "target_function"]
-__all__ += ["Cifar10", "CifarDataConfig", "load_cifar10"]
+from .wikitext import LMStream, Vocabulary, WikiTextData, batchify, load_wikitext
+
+__all__ = [
+    "DATA_ENV", "DownloadError", "data_root", "download", "extract",
+    "SyntheticConfig", "make_synthetic", "target_function",
+    "Cifar10", "CifarDataConfig", "load_cifar10",
+    "LMStream", "Vocabulary", "WikiTextData", "batchify", "load_wikitext",
+]

@@ -56,11 +56,12 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
 
 
 def download(url: str, dest: str | os.PathLike, checksum: str, algorithm: str = "sha256",
-             timeout: float = 60.0) -> Path:
+             timeout: float = 60.0, headers: dict[str, str] | None = None) -> Path:
     """Download ``url`` to ``dest`` unless a file with the right checksum is already there.
 
     Args:
         checksum: expected hex digest of the file (``algorithm``: ``"sha256"`` or ``"md5"``).
+        headers: extra HTTP request headers (e.g. a User-Agent some hosts require).
     Raises:
         DownloadError: offline / HTTP failure (naming the URL and where to put the file by
             hand) or a checksum mismatch (the bad file is removed, never left at ``dest``).
@@ -76,7 +77,8 @@ def download(url: str, dest: str | os.PathLike, checksum: str, algorithm: str = 
     tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
     try:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+            request = urllib.request.Request(url, headers=dict(headers or {}))
+            with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:
                 shutil.copyfileobj(resp, out, 1 << 20)
         except (urllib.error.URLError, OSError) as err:
             raise DownloadError(f"could not download {url} ({err}); with no network, place the "

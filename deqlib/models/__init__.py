@@ -3,5 +3,6 @@
 from .synthetic import SyntheticDEQ, SyntheticModelConfig
 from .mdeq import MDEQ, MDEQConfig
 
-__all__ = ["SyntheticDEQ", "SyntheticModelConfig"]
-__all__ += ["MDEQ", "MDEQConfig"]
+from .transformer import DEQTransformerLM, TransformerConfig
+
+__all__ = ["SyntheticDEQ", "SyntheticModelConfig", "MDEQ", "MDEQConfig", "DEQTransformerLM", "TransformerConfig"]

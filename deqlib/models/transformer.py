@@ -1,0 +1,371 @@
+"""The DEQ-Transformer language model (Bai et al. 2019; 2021, Table 1 / Table 5).
+
+One Transformer layer ``f`` is the map whose equilibrium is the model's hidden state:
+
+    z* = f(z*; u, memory),   f = feed-forward o relative-position self-attention,
+
+where ``u = W_inj emb(x)`` injects the input tokens into the queries, keys and values, and the
+keys and values also see ``memory``: the equilibrium states (and injections) of the previous
+segment, detached. The same ``f``, stacked ``N`` times and trained by ordinary backprop, is the
+explicit weight-tied baseline and the pretraining mode.
+
+Shapes: batch first. Tokens ``(B, L)``; hidden states ``(B, L, d)``; memory ``(B, M, d)`` and
+``(B, M, 3 H Dh)``; the ``K = M + L`` keys cover memory then segment.
+
+Post-LN (the DEQ default):  a = LN(z + Drop(Attn(cat[mem, z]; u))),  f = LN(a + Drop(FF(a))).
+Pre-LN:  a = z + Drop(Attn(LN(cat[mem, z]); u)),  n = LN(a),  f = n + Drop(FF(n)). As in the
+official code the feed-forward's residual adds the *normalized* ``n``, so ``f`` stays bounded.
+LayerNorms have no learned gain (as there). All projections of ``f`` are weight-normalized,
+dropout is variational (one mask per sample and channel, shared over positions and over every
+call of one solve); both are held fixed for a whole step by :func:`deqlib.nn.once_per_step`.
+
+The word embedding is adaptive (Baevski & Auli) and tied to torch's
+``AdaptiveLogSoftmaxWithLoss``: the frequent words' vectors are the head's output rows, a rarer
+cluster's vectors are its tail's output rows mapped up to ``d`` by the tail's own projection.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..deq import DEQ, DEQStats, SolverSettings
+from ..nn import VariationalDropout, once_per_step, weight_norm
+from ..train import StepOutput
+
+__all__ = ["TransformerConfig", "Memory", "LMOutput", "DEQTransformerLM", "TransformerLayer", "AdaptiveInput"]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Sizes of the DEQ-Transformer (Table 4's WikiText-103 column, release-script sizes).
+
+    ``n_layer`` is the depth of the explicit weight-tied baseline, ``pretrain_layers`` that of
+    the stack trained during the first ``pretrain_steps`` of a DEQ run. ``cutoffs`` split the
+    vocabulary (sorted by frequency) into the adaptive softmax's head and tail clusters; tail
+    ``i`` has width ``d_model // div_val**(i+1)``.
+    """
+
+    d_model: int = 700
+    n_head: int = 10
+    d_head: int = 70
+    d_inner: int = 48000
+    tgt_len: int = 150
+    mem_len: int = 150
+    dropout: float = 0.06
+    pre_ln: bool = False
+    cutoffs: tuple[int, ...] = (20000, 40000, 200000)
+    div_val: float = 4.0
+    n_layer: int = 18
+    pretrain_layers: int = 2
+    init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_head", "d_head", "d_inner", "tgt_len", "n_layer", "pretrain_layers"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("mem_len", self.mem_len, 0)
+        if self.d_model % 2:
+            raise ValueError(f"d_model must be even (sinusoidal positions), got d_model={self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        if not isinstance(self.pre_ln, bool):
+            raise ValueError(f"pre_ln must be true or false, got pre_ln={self.pre_ln!r}")
+        cut = tuple(self.cutoffs)
+        if not cut or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cut) \
+                or list(cut) != sorted(set(cut)):
+            raise ValueError(f"cutoffs must be a non-empty increasing list of integers >= 1, got cutoffs={self.cutoffs!r}")
+        if not (math.isfinite(self.div_val) and self.div_val >= 1.0):
+            raise ValueError(f"div_val must be a number >= 1, got div_val={self.div_val!r}")
+        if int(self.d_model // self.div_val ** len(cut)) < 1:
+            raise ValueError(f"div_val={self.div_val} leaves the last of {len(cut)} tail clusters "
+                             f"no width at d_model={self.d_model}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"init_std must be > 0, got init_std={self.init_std!r}")
+
+    def check_vocab(self, n_token: int) -> None:
+        """ValueError unless every cutoff lies inside a vocabulary of ``n_token`` words."""
+        if self.cutoffs[-1] >= n_token:
+            raise ValueError(f"cutoffs={list(self.cutoffs)} must all be below the vocabulary size {n_token}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+
+
+class Memory(NamedTuple):
+    """The past ``M`` positions: equilibrium states ``z (B, M, d)`` and injections ``u (B, M, 3HDh)``."""
+
+    z: Tensor
+    u: Tensor
+
+
+class Context(NamedTuple):
+    """Everything ``f`` needs besides ``z``, fixed during a solve.
+
+    ``u (B, K, 3HDh)`` injections of memory and segment; ``mem (B, M, d)``; ``pos (K, d)``
+    sinusoids of the distances ``0..K-1``; ``dist (L, K)`` long: distance ``M + i - j`` from
+    query ``i`` to key ``j`` (clamped at 0); ``mask (L, K)`` bool: True where key ``j`` lies
+    after query ``i``.
+    """
+
+    u: Tensor
+    mem: Tensor
+    pos: Tensor
+    dist: Tensor
+    mask: Tensor
+
+
+def _layer_norm(x: Tensor) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:])
+
+
+def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
+    lin = nn.Linear(d_in, d_out, bias=bias)
+    nn.init.normal_(lin.weight, 0.0, std)
+    if bias:
+        nn.init.zeros_(lin.bias)
+    return lin
+
+
+class RelativeSelfAttention(nn.Module):
+    """Transformer-XL attention: score(i, j) = (q_i + b_w).k_j + (q_i + b_r).r_{dist(i,j)}."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        H, Dh, d = cfg.n_head, cfg.d_head, cfg.d_model
+        self.n_head, self.d_head, self.pre_ln = H, Dh, cfg.pre_ln
+        self.qkv = weight_norm(_linear(d, 3 * H * Dh, cfg.init_std, bias=False))
+        self.r_net = weight_norm(_linear(d, H * Dh, cfg.init_std, bias=False))
+        self.out = weight_norm(_linear(H * Dh, d, cfg.init_std))
+        self.bias_w = nn.Parameter(torch.randn(H, Dh) * cfg.init_std)  # content bias u of XL
+        self.bias_r = nn.Parameter(torch.randn(H, Dh) * cfg.init_std)  # position bias v of XL
+
+    def forward(self, z: Tensor, ctx: Context) -> Tensor:
+        """``z (B, L, d)`` -> ``(B, L, d)`` (before dropout and the residual)."""
+        B, L, _ = z.shape
+        H, Dh = self.n_head, self.d_head
+        keys = torch.cat([ctx.mem, z], dim=1)  # (B, K, d)
+        if self.pre_ln:
+            keys = _layer_norm(keys)
+        qkv = self.qkv(keys) + ctx.u  # input injection
+        q, k, v = qkv.chunk(3, dim=-1)
+        K = k.shape[1]
+        q = q[:, -L:].reshape(B, L, H, Dh)
+        k, v = k.reshape(B, K, H, Dh), v.reshape(B, K, H, Dh)
+        r = self.r_net(ctx.pos).reshape(K, H, Dh)  # one vector per distance
+        content = torch.einsum("bihd,bjhd->bhij", q + self.bias_w, k)
+        by_dist = torch.einsum("bihd,khd->bhik", q + self.bias_r, r)  # (B, H, L, distance)
+        position = by_dist.gather(3, ctx.dist.expand(B, H, L, K))  # -> (B, H, L, key)
+        score = (content + position) / math.sqrt(Dh)
+        attn = score.masked_fill(ctx.mask, float("-inf")).softmax(dim=-1)
+        out = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(B, L, H * Dh)
+        return self.out(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ff1 = weight_norm(_linear(cfg.d_model, cfg.d_inner, cfg.init_std))
+        self.ff2 = weight_norm(_linear(cfg.d_inner, cfg.d_model, cfg.init_std))
+        self.drop = VariationalDropout(cfg.dropout, shared_dims=(1,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ff2(self.drop(torch.relu(self.ff1(x))))
+
+
+class TransformerLayer(nn.Module):
+    """``f(z, ctx)``: ``z (B, L, d)`` -> ``(B, L, d)``; Post-LN or Pre-LN by ``cfg.pre_ln``."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.attn = RelativeSelfAttention(cfg)
+        self.ff = FeedForward(cfg)
+        self.drop_attn = VariationalDropout(cfg.dropout, shared_dims=(1,))
+        self.drop_ff = VariationalDropout(cfg.dropout, shared_dims=(1,))
+
+    def forward(self, z: Tensor, ctx: Context) -> Tensor:
+        a = z + self.drop_attn(self.attn(z, ctx))
+        n = _layer_norm(a)
+        if self.pre_ln:
+            return n + self.drop_ff(self.ff(n))
+        return _layer_norm(n + self.drop_ff(self.ff(n)))
+
+
+class AdaptiveInput(nn.Module):
+    """Adaptive word embedding sharing its weights with an ``AdaptiveLogSoftmaxWithLoss``.
+
+    Token ``w < cutoffs[0]``: row ``w`` of the head's weight. Token in tail cluster ``i``: its
+    row of the tail's output weight ``(n_i, d_i)`` times the tail's projection ``(d_i, d)``.
+    Returns ``(B, L, d)`` scaled by ``sqrt(d)``.
+    """
+
+    def __init__(self, softmax: nn.AdaptiveLogSoftmaxWithLoss):
+        super().__init__()
+        self.softmax = [softmax]  # a list, so the shared module is not registered twice
+        self.bounds = [0] + list(softmax.cutoffs)
+        self.scale = math.sqrt(softmax.in_features)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        sm = self.softmax[0]
+        flat = tokens.reshape(-1)
+        out = flat.new_zeros(flat.shape[0], sm.in_features, dtype=sm.head.weight.dtype)
+        for c in range(len(self.bounds) - 1):
+            lo, hi = self.bounds[c], self.bounds[c + 1]
+            sel = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            if c == 0:
+                vec = F.embedding(flat[sel], sm.head.weight[:hi])
+            else:
+                proj, rows = sm.tail[c - 1][0].weight, sm.tail[c - 1][1].weight  # (d_c, d), (n_c, d_c)
+                vec = F.embedding(flat[sel] - lo, rows) @ proj
+            out = out.index_copy(0, sel, vec)
+        return out.view(*tokens.shape, -1) * self.scale
+
+
+@dataclass
+class LMOutput:
+    """``loss``: mean NLL of the targets; ``logprob (B, L)``: log-prob of each target;
+    ``memory`` for the next segment (None when ``mem_len == 0``); ``stats`` of the solve (None
+    for the explicit stack); ``hidden (B, L, d)``: the output states."""
+
+    loss: Tensor
+    logprob: Tensor
+    memory: Memory | None
+    stats: DEQStats | None
+    hidden: Tensor
+
+
+def _sinusoids(n: int, d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``(n, d)``: row ``k`` is ``[sin(k w), cos(k w)]`` over ``d/2`` frequencies ``w``."""
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device, dtype=dtype) / d))
+    ang = torch.arange(n, device=device, dtype=dtype)[:, None] * inv[None]
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+class DEQTransformerLM(nn.Module):
+    """Language model: adaptive embedding -> equilibrium of ``f`` (or ``N`` stacked ``f``) ->
+    adaptive softmax.
+
+    Args:
+        cfg: sizes. n_token: vocabulary size. forward, backward: solver settings of the DEQ.
+        explicit: True makes this the explicit baseline (always ``cfg.n_layer`` stacked ``f``).
+
+    Two ways in: :meth:`run` (tokens, targets, memory in; :class:`LMOutput` out) and, for
+    :func:`deqlib.train.train`, ``forward(batch, pretrain)`` with ``batch = (inputs, targets,
+    position)`` from :class:`deqlib.data.wikitext.LMStream`; that one keeps the memory of the
+    last segment itself (part of the state dict, so it survives a checkpoint) and uses it when
+    ``position`` says the batch is the next segment of the same rows.
+    """
+
+    def __init__(self, cfg: TransformerConfig, n_token: int, forward: SolverSettings | None = None,
+                 backward: SolverSettings | None = None, explicit: bool = False):
+        super().__init__()
+        cfg.check_vocab(n_token)
+        self.cfg, self.n_token, self.explicit = cfg, n_token, explicit
+        d, HD = cfg.d_model, cfg.n_head * cfg.d_head
+        self.softmax = nn.AdaptiveLogSoftmaxWithLoss(d, n_token, list(cfg.cutoffs), div_value=cfg.div_val)
+        for p in self.softmax.parameters():
+            nn.init.normal_(p, 0.0, cfg.init_std)
+        self.embed = AdaptiveInput(self.softmax)
+        self.inject = _linear(d, 3 * HD, cfg.init_std)
+        self.layer = TransformerLayer(cfg)
+        self.deq = DEQ(self.layer, forward, backward, backward="implicit")
+        self.drop_in = VariationalDropout(cfg.dropout, shared_dims=(1,))
+        self.drop_out = VariationalDropout(cfg.dropout, shared_dims=(1,))
+        self._memory: Memory | None = None
+        self._memory_at: tuple[int, int, int] | None = None  # (epoch, segment, rank) it came from
+
+    def context(self, u_new: Tensor, memory: Memory | None) -> Context:
+        B, L, _ = u_new.shape
+        if memory is None:
+            memory = self.empty_memory(B, u_new)
+        M = memory.z.shape[1]
+        K = M + L
+        i = torch.arange(L, device=u_new.device)[:, None]
+        j = torch.arange(K, device=u_new.device)[None, :]
+        dist = M + i - j
+        return Context(u=torch.cat([memory.u, u_new], dim=1), mem=memory.z,
+                       pos=_sinusoids(K, self.cfg.d_model, u_new.device, u_new.dtype),
+                       dist=dist.clamp(min=0), mask=dist < 0)
+
+    def empty_memory(self, batch: int, like: Tensor) -> Memory:
+        cfg = self.cfg
+        return Memory(like.new_zeros(batch, 0, cfg.d_model), like.new_zeros(batch, 0, 3 * cfg.n_head * cfg.d_head))
+
+    def run(self, inputs: Tensor, targets: Tensor, memory: Memory | None = None, *,
+            layers: int | None = None, forward_solver: SolverSettings | None = None) -> LMOutput:
+        """One segment. ``inputs, targets (B, L)`` int64; ``memory`` of earlier segments.
+
+        ``layers``: stack ``f`` that many times from ``z = 0`` (explicit) instead of solving;
+        None solves for the equilibrium (or, for the explicit baseline, stacks ``cfg.n_layer``).
+        ``forward_solver`` overrides the forward solve (e.g. a hard NFE cap).
+        """
+        if inputs.shape != targets.shape or inputs.dim() != 2:
+            raise ValueError(f"inputs and targets must both be (B, L), got {tuple(inputs.shape)} "
+                             f"and {tuple(targets.shape)}")
+        if self.explicit and layers is None:
+            layers = self.cfg.n_layer
+        B, L = inputs.shape
+        d = self.cfg.d_model
+        with once_per_step(self):
+            u_new = self.inject(self.drop_in(self.embed(inputs)))
+            ctx = self.context(u_new, memory)
+            z = u_new.new_zeros(B, L, d)
+            stats = None
+            if layers is not None:
+                for _ in range(layers):
+                    z = self.layer(z, ctx)
+            else:
+                z, stats = self.deq(ctx, z, forward_solver=forward_solver)
+            out = self.softmax(self.drop_out(z).reshape(B * L, d), targets.reshape(-1))
+        new_memory = None
+        if self.cfg.mem_len > 0:
+            keep = self.cfg.mem_len
+            new_memory = Memory(torch.cat([ctx.mem, z], dim=1)[:, -keep:].detach(),
+                                ctx.u[:, -keep:].detach())
+        return LMOutput(loss=out.loss, logprob=out.output.view(B, L), memory=new_memory, stats=stats,
+                        hidden=z)
+
+    # --- training through deqlib.train: the memory is carried from step to step ---------------
+    def forward(self, batch: tuple[Tensor, Tensor, Tensor], pretrain: bool = False) -> StepOutput:
+        inputs, targets, position = batch
+        at = tuple(int(v) for v in position.tolist())
+        memory = self._recall(at, inputs)
+        layers = self.cfg.pretrain_layers if pretrain and not self.explicit else None
+        out = self.run(inputs, targets, memory, layers=layers)
+        self._memory, self._memory_at = out.memory, at
+        return StepOutput(loss=out.loss, stats=out.stats,
+                          metrics={"mem_len": float(memory.z.shape[1]) if memory is not None else 0.0})
+
+    def _recall(self, at: tuple[int, int, int], inputs: Tensor) -> Memory | None:
+        epoch, i, rank = at
+        if i == 0 or self._memory is None:
+            if i > 0:
+                warnings.warn(f"no memory for segment {i} of epoch {epoch} (rank {rank}); starting empty")
+            return None
+        if self._memory_at != (epoch, i - 1, rank) or self._memory.z.shape[0] != inputs.shape[0]:
+            warnings.warn(f"the memory held is from {self._memory_at}, not the segment before "
+                          f"{at}; starting empty")
+            return None
+        return Memory(*(t.to(inputs.device) for t in self._memory))
+
+    def get_extra_state(self) -> dict:
+        mem = None if self._memory is None else tuple(t.detach().cpu() for t in self._memory)
+        return {"memory": mem, "memory_at": self._memory_at}
+
+    def set_extra_state(self, state: dict) -> None:
+        mem = state.get("memory")
+        self._memory = None if mem is None else Memory(*mem)
+        self._memory_at = None if state.get("memory_at") is None else tuple(state["memory_at"])
+
+    def reset_memory(self) -> None:
+        self._memory = self._memory_at = None
