@@ -1,7 +1,18 @@
 """Benchmarks that print measured figures (never asserted in tests).
 
     python -m deqlib.bench solvers [--batch 32 --channels 64 --size 32 --tol 1e-3]
+    python -m deqlib.bench mdeq [--profile paper --batch 96 --precision no --steps 5]
     python -m deqlib.bench transformer [--profile paper --batch 15 --set model.d_inner=2000]
+
+``mdeq``: one training step of the CIFAR-10 MDEQ of ``params.yaml`` (forward solve, implicit
+backward, Adam step) on random images, without and with the Jacobian penalty applied at that
+step; prints the median step time and the peak memory (``torch.cuda.max_memory_allocated`` on
+a GPU, else the peak of live tensor bytes from :class:`deqlib.measure.PeakMemory`), with the
+device named. The solver thresholds are the profile's, so every step runs the full 7 / 8 calls
+unless the tolerance is met first.
+
+``transformer``: training-step time and memory of the DEQ-Transformer without and with the
+penalty and of the explicit weight-tied stack (see :func:`bench_transformer`).
 
 ``solvers``: each method on an MDEQ-sized conv map f(z) = GN(s * conv(relu(conv(z))) + x),
 whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
@@ -12,9 +23,11 @@ solver's extra memory (peak live bytes of the solve minus those of one f call) a
 
 On CPU the time of one f call depends on glibc's heap trimming: freed 8 MB blocks are given
 back to the OS and page-faulted in again on the next call, 0 to ~18000 faults per call (24 to
-50 ms here) depending on the heap layout of the process. The overhead ratio therefore moves by
+50 ms here) depending on the heap layout of the process. The overhead ratio therefore moved by
 ~25% between identical runs; the own-time column much less (it is measured against the f
-calls of the same solve).
+calls of the same solve). ``main`` now calls :func:`deqlib.measure.steady_malloc` first, which
+sets the same limits as ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
+from inside the process, so that freed blocks stay in the heap.
 """
 
 from __future__ import annotations
@@ -24,14 +37,16 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .measure import PeakMemory, median_time
+from .measure import PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
 
-__all__ = ["ConvMap", "calibrated_conv_map", "bench_solvers", "bench_transformer", "main"]
+__all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers", "bench_mdeq",
+           "bench_transformer", "main"]
 
 
 class ConvMap(nn.Module):
@@ -45,15 +60,44 @@ class ConvMap(nn.Module):
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.norm = nn.GroupNorm(groups, channels)
-        self.x = x
+        self.register_buffer("x", x)  # a buffer: ``.double()`` and ``.to()`` carry the input along
         self.scale = scale
 
     def forward(self, z: Tensor) -> Tensor:
         return self.norm(self.scale * self.conv2(torch.relu(self.conv1(z))) + self.x)
 
 
-def _plain_nfe(f: ConvMap, z0: Tensor, tol: float, cap: int = 80) -> int:
-    return solve(f, z0, method="fixed_point", max_iter=cap, tol=tol).nfe
+def _plain_nfe(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float, cap: int = 80) -> int:
+    """Calls plain iteration needs to reach ``tol``; ``cap + 1`` when it does not (so that a
+    diverging run, stopped early, never reads as a fast one)."""
+    res = solve(f, z0, method="fixed_point", max_iter=cap, tol=tol)
+    return res.nfe if res.status == "converged" else cap + 1
+
+
+def calibrate_scale(
+    set_scale: Callable[[float], Callable[[Tensor], Tensor]], z0: Tensor, tol: float,
+    target: tuple[int, int] = (20, 40), hi: float = 64.0, steps: int = 30,
+) -> float:
+    """The scale ``s`` at which plain iteration of ``set_scale(s)`` from ``z0`` needs between
+    ``target[0]`` and ``target[1]`` calls to reach ``tol`` (bisection on ``[0, hi]``).
+
+    ``set_scale(s)`` returns the map at scale ``s``; larger ``s`` must mean slower convergence.
+    Plain iteration stops at ``target[1] + 1`` calls, when the verdict "too slow" is known.
+    Returns the last scale tried (the bisection stops as soon as one lands in ``target``).
+    """
+    if not 1 <= target[0] <= target[1]:
+        raise ValueError(f"target must be (lo, hi) with 1 <= lo <= hi, got target={target!r}")
+    lo, mid = 0.0, 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        nfe = _plain_nfe(set_scale(mid), z0, tol, cap=target[1] + 1)
+        if nfe < target[0]:
+            lo = mid
+        elif nfe > target[1]:
+            hi = mid
+        else:
+            break
+    return mid
 
 
 def calibrated_conv_map(
@@ -61,22 +105,18 @@ def calibrated_conv_map(
 ) -> ConvMap:
     """A seeded ConvMap whose plain iteration needs ``target`` calls to reach ``tol``.
 
-    The scale is found by bisection on a batch of 4, then checked on the full batch.
+    The scale is found by bisection on a batch of 4 (:func:`calibrate_scale`); the full batch
+    may need a few calls more or less.
     """
     torch.manual_seed(seed)
     x = torch.randn(batch, channels, size, size)
     f = ConvMap(channels, x[:4]).eval()
-    z0 = torch.zeros_like(x[:4])
-    lo, hi = 0.0, 64.0
-    for _ in range(30):
-        f.scale = mid = (lo + hi) / 2
-        nfe = _plain_nfe(f, z0, tol)
-        if nfe < target[0]:
-            lo = mid
-        elif nfe > target[1]:
-            hi = mid
-        else:
-            break
+
+    def set_scale(s: float) -> ConvMap:
+        f.scale = s
+        return f
+
+    f.scale = calibrate_scale(set_scale, torch.zeros_like(x[:4]), tol, target)
     f.x = x
     return f
 
@@ -157,6 +197,86 @@ def _print_solvers(report: dict) -> None:
                 f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}{r['own_ms_per_iter']:>11.1f}")
         line += "".join(f"{r['extra_mem_mb_max_iter_' + m]:>14.1f}" for m in mis)
         print(line)
+
+
+def bench_mdeq(profile: str = "paper", batch: int = 96, precision: str = "no", steps: int = 5,
+               params_path: str = "params.yaml", device: str | None = None, seed: int = 0) -> dict:
+    """Step time and peak memory of the CIFAR-10 MDEQ, without and with the penalty."""
+    from .config import load_experiment
+    from .experiments.cifar import CifarExperiment
+    from .models.mdeq import MDEQ
+
+    exp = load_experiment(CifarExperiment, "cifar10", profile, params_path=params_path)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    torch.manual_seed(seed)
+    size = exp.model.image_size
+    x = torch.randn(batch, exp.model.in_channels, size, size, device=dev)
+    y = torch.randint(0, exp.model.num_classes, (batch,), device=dev)
+    penalty = exp.train.jacobian
+    rows = []
+    for jr in (False, True):
+        torch.manual_seed(seed)
+        model = MDEQ(exp.model, exp.train.forward, exp.train.backward).to(dev).train()
+        opt = torch.optim.Adam(model.parameters(), lr=exp.train.lr)
+        scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+        nfe: list[tuple[int, int]] = []
+
+        def forward_backward() -> None:
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model((x, y))
+                loss = out.loss
+                if jr:
+                    z, fz = out.stats.jacobian_inputs()
+                    loss = loss + penalty.loss(z, fz, 0, 1)[0]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            nfe.append((out.stats.forward.nfe, out.stats.backward.nfe))
+
+        def step() -> None:
+            forward_backward()
+            scaler.step(opt)
+            scaler.update()
+
+        step()  # warm-up: kernels chosen, Adam state allocated
+        t = median_time(step, repeats=steps, warmup=0)
+        opt.zero_grad(set_to_none=True)
+        # Peak memory of forward + backward (the paper's training-memory comparison), then of a
+        # whole step (the optimizer's update adds temporaries the size of the parameters).
+        peaks = []
+        for fn in (forward_backward, step):
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                fn()
+                torch.cuda.synchronize(dev)
+                peaks.append(torch.cuda.max_memory_allocated(dev))
+            else:
+                with PeakMemory() as pm:
+                    fn()
+                peaks.append(pm.peak)
+        kind = ("torch.cuda.max_memory_allocated (parameters and Adam state included)" if cuda else
+                "deqlib.measure.PeakMemory (live tensor bytes made inside; parameters and Adam state not included)")
+        rows.append({"arm": "MDEQ + JR (penalty on this step)" if jr else "MDEQ", "step_time_s": t,
+                     "peak_fwd_bwd_mb": peaks[0] / 2**20, "peak_step_mb": peaks[1] / 2**20,
+                     "fwd_nfe": nfe[-1][0], "bwd_nfe": nfe[-1][1]})
+        del model, opt
+    name = torch.cuda.get_device_name(dev) if cuda else (
+        f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+    return {"profile": profile, "batch": batch, "precision": precision, "device": name,
+            "memory": kind, "torch": torch.__version__, "channels": list(exp.model.channels), "rows": rows}
+
+
+def _print_mdeq(report: dict) -> None:
+    print(f"MDEQ ({report['profile']} profile, scales {report['channels']}), batch {report['batch']}, "
+          f"precision {report['precision']}; {report['device']}, torch {report['torch']}")
+    print(f"memory: {report['memory']}")
+    print(f"{'arm':<34}{'step s':>9}{'peak MB fwd+bwd':>17}{'peak MB step':>14}{'NFE f/b':>9}")
+    for r in report["rows"]:
+        print(f"{r['arm']:<34}{r['step_time_s']:>9.3f}{r['peak_fwd_bwd_mb']:>17.0f}{r['peak_step_mb']:>14.0f}"
+              f"{r['fwd_nfe']:>6}/{r['bwd_nfe']}")
 
 
 def bench_transformer(profile: str = "paper", batch: int = 15, overrides: dict | None = None,
@@ -270,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tol", type=float, default=1e-3)
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--json", help="also write the figures to this JSON file")
+    m = sub.add_parser("mdeq", help="step time and peak memory of the CIFAR-10 MDEQ, without and with JR")
+    m.add_argument("--profile", choices=["paper", "small"], default="paper")
+    m.add_argument("--batch", type=int, default=96)
+    m.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
+    m.add_argument("--steps", type=int, default=5, help="timed steps (median), after one warm-up step")
+    m.add_argument("--params", default="params.yaml", help="the params.yaml to read the profile from")
+    m.add_argument("--json", help="also write the figures to this JSON file")
     t = sub.add_parser("transformer", help="DEQ-Transformer step time and memory: DEQ, DEQ + JR, explicit stack")
     t.add_argument("--profile", choices=["paper", "small"], default="paper")
     t.add_argument("--batch", type=int, default=15)
@@ -279,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a parameter of the wikitext profile, e.g. model.d_inner=2000")
     t.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.bench == "transformer":
+    if args.bench == "mdeq":
+        for name in ("batch", "steps"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params)
+        _print_mdeq(report)
+    elif args.bench == "transformer":
         import yaml
 
         overrides = {}
@@ -293,22 +426,19 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         report = bench_transformer(args.profile, args.batch, overrides, args.vocab, args.repeats)
         _print_transformer(report)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(report, fh, indent=2)
-        return 0
-    for name in ("batch", "channels", "size", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.tol > 0:
-        parser.error(f"--tol must be > 0, got {args.tol}")
-    report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
-    _print_solvers(report)
+    else:
+        for name in ("batch", "channels", "size", "repeats"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if not args.tol > 0:
+            parser.error(f"--tol must be > 0, got {args.tol}")
+        steady_malloc()
+        report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
+        _print_solvers(report)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

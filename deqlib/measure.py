@@ -4,11 +4,15 @@
 its block and keeps the peak of those still alive; it works on CPU, where torch has no
 allocator statistics, and agrees with ``torch.cuda.max_memory_allocated`` up to allocator
 rounding. ``saved_tensor_bytes`` sums the bytes autograd saves for backward (activation
-memory), exactly and on any device.
+memory), exactly and on any device. ``steady_malloc`` keeps glibc from handing freed blocks
+back to the OS between calls, which otherwise makes CPU timings of the same call swing ~2x.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -18,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["PeakMemory", "saved_tensor_bytes", "median_time"]
+__all__ = ["PeakMemory", "saved_tensor_bytes", "median_time", "steady_malloc"]
 
 
 class PeakMemory(TorchDispatchMode):
@@ -94,3 +98,29 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+
+
+def steady_malloc(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**30) -> bool:
+    """Make CPU timings repeatable: glibc keeps freed heap memory instead of returning it.
+
+    By default glibc serves blocks over a (dynamic) threshold with ``mmap`` and trims the heap
+    top on ``free``, so an 8 MB activation freed after one call is page-faulted in again by the
+    next: one ConvMap call then takes 24 to 50 ms depending on the heap's history. This sets
+    the same limits as the environment variables ``MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=1073741824`` would, but from inside a running process (it applies
+    to allocations made from now on). Returns True when applied, False where the C library is
+    not glibc (then timings are what they are).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))

@@ -21,6 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
     "synthetic": "01_synthetic.py",
+    "cifar10": "03_cifar10.py",
+    "solvers": "07_solvers.py",
     "wikitext": "02_wikitext.py",
 }
 

@@ -6,12 +6,15 @@ import pytest
 import yaml
 
 from deqlib.config import PROFILES, apply_overrides, build, load_experiment
+from deqlib.experiments.cifar import CifarExperiment
+from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
 from deqlib.experiments.wikitext import WikiTextExperiment
 from deqlib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = {"synthetic": SyntheticExperiment, "wikitext": WikiTextExperiment}
+EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "solvers": SolversExperiment,
+               "wikitext": WikiTextExperiment}
 
 
 def test_default_profile_is_paper():
@@ -33,6 +36,18 @@ def test_synthetic_paper_profile_is_table4():
     assert (t.jacobian.p, t.jacobian.n_probes) == (0.4, 1)
     assert cfg.eval.gammas == (0.0, 1.0, 2.0, 4.0)
     assert (cfg.data.n_train, cfg.data.n_valid, cfg.model.hidden) == (4096, 1000, 50)
+
+
+def test_cifar10_paper_profile_is_table4():
+    cfg = load_experiment(CifarExperiment, "cifar10", "paper", params_path=ROOT / "params.yaml")
+    t, m = cfg.train, cfg.model
+    assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.schedule) == (200, 96, "adam", 1e-3, "cosine")
+    assert m.channels == (28, 56, 112, 224) and m.dropout == 0.25 and m.downsample == 0
+    assert m.weight_norm and m.init_std == 0.01
+    assert (t.forward.max_iter, t.backward.max_iter, t.forward.tol, t.backward.tol) == (7, 8, 1e-3, 1e-4)
+    assert (t.jacobian.gamma, t.jacobian.gamma_end, t.jacobian.p, t.jacobian.n_probes) == (0.5, None, 0.05, 1)
+    assert cfg.data.root == "" and cfg.data.download and cfg.data.augment and cfg.data.pad == 4
+    assert cfg.eval.tol == 1e-3 and cfg.eval.nfe[:6] == (1, 2, 3, 4, 5, 6)
 
 
 def test_wikitext_paper_profile_is_table4():

@@ -6,15 +6,20 @@ from torch import nn
 
 from deqlib import DEQ, SolverSettings
 
-torch.set_default_dtype(torch.float64)  # gradient checks need float64; this module only
 
 EXACT_FWD = SolverSettings(method="anderson", max_iter=400, tol=1e-13, options={"m": 6})
 EXACT_BWD = SolverSettings(method="anderson", max_iter=400, tol=1e-13, options={"m": 6})
 UNROLLED = SolverSettings(method="fixed_point", max_iter=3000, tol=1e-14)
 
 
-def teardown_module():
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Gradient checks need float64. Set per test (not at import, which would leak into every
+    module collected after this one) and restore afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class MLPMap(nn.Module):

@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # A step limit and tiny data per experiment: enough to start, train and write every output.
 PAPER_SMOKE = {
     "synthetic": {"train.max_steps": 3, "data.n_train": 256, "data.n_valid": 64, "eval.nfe_cap": 20},
+    "cifar10": {"data.root": "../shared/data/cifar-10-subset", "data.download": False, "data.n_test": 8,
+                "train.max_steps": 2, "train.batch_size": 4, "eval.batch_size": 8, "eval.nfe": [1, 2],
+                "eval.nfe_cap": 4},
+    "solvers": {"synthetic.batch": 64, "conv.batch": 2, "conv.channels": 16, "conv.size": 8,
+                "conv.groups": 4, "hard_nfe": [50, 80], "repeats": 1, "radius_iters": 10},
     # WikiText-103 (and its 267K vocabulary) is not here: the WikiText-2 slice stands in, and the
     # 98M-parameter model shrinks to what a CPU trains for 3 steps (cutoffs inside the slice's
     # 13,777 words, an 18 -> 2 layer explicit stack, 2,000 evaluation tokens).

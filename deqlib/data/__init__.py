@@ -2,7 +2,13 @@
 
 from .download import DATA_ENV, DownloadError, data_root, download, extract
 from .synthetic import SyntheticConfig, make_synthetic, target_function
+from .cifar import Cifar10, CifarDataConfig, load_cifar10
+
 from .wikitext import LMStream, Vocabulary, WikiTextData, batchify, load_wikitext
 
-__all__ = ["DATA_ENV", "DownloadError", "data_root", "download", "extract", "SyntheticConfig", "make_synthetic", "target_function",
-           "LMStream", "Vocabulary", "WikiTextData", "batchify", "load_wikitext"]
+__all__ = [
+    "DATA_ENV", "DownloadError", "data_root", "download", "extract",
+    "SyntheticConfig", "make_synthetic", "target_function",
+    "Cifar10", "CifarDataConfig", "load_cifar10",
+    "LMStream", "Vocabulary", "WikiTextData", "batchify", "load_wikitext",
+]
