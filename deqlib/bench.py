@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("batch", "vocab", "repeats"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        steady_malloc()  # CPU timings: keep freed blocks in the heap (see the module docstring)
         report = bench_transformer(args.profile, args.batch, overrides, args.vocab, args.repeats)
         _print_transformer(report)
     else:
