@@ -18,6 +18,7 @@ official code the feed-forward's residual adds the *normalized* ``n``, so ``f`` 
 LayerNorms have no learned gain (as there). All projections of ``f`` are weight-normalized,
 dropout is variational (one mask per sample and channel, shared over positions and over every
 call of one solve); both are held fixed for a whole step by :func:`deqlib.nn.once_per_step`.
+Attention probabilities are not dropped (the release script's ``dropatt`` is 0.01).
 
 The word embedding is adaptive (Baevski & Auli) and tied to torch's
 ``AdaptiveLogSoftmaxWithLoss``: the frequent words' vectors are the head's output rows, a rarer
