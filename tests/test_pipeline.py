@@ -46,6 +46,23 @@ def test_paper_profile_starts_and_trains_on_cpu(experiment, tmp_path):
     executed = json.loads(nb.read_text())
     params = next(c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
     assert '"paper"' in "".join(params["source"])
+    # every output the DVC stage declares is written (else `dvc repro` fails after the run)
+    for declared in _declared_outputs(experiment):
+        assert (tmp_path / declared).exists(), f"dvc.yaml declares outputs/{experiment}/{declared}; not written"
+
+
+def _declared_outputs(experiment: str) -> list[str]:
+    """File names under ``outputs/EXPERIMENT/`` that dvc.yaml's stage lists as outs, metrics, plots."""
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][experiment]
+    paths = []
+    for key in ("outs", "metrics", "plots"):
+        for item in stage.get(key, []):
+            paths.append(item if isinstance(item, str) else next(iter(item)))
+    prefix = f"outputs/{experiment}/"
+    assert paths and all(p.startswith(prefix) for p in paths), paths
+    return [p[len(prefix):] for p in paths]
 
 
 def test_runner_rejects_a_bad_override(tmp_path):
