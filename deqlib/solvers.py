@@ -95,30 +95,36 @@ class _Tracker:
         self.rel_trace.append(rel_res)
         crit = rel_res if self.use_rel else abs_res
         finite = torch.isfinite(crit)
+        # Every decision below needs a value on the host; they are gathered into one transfer,
+        # so that on a GPU an iteration waits for its kernels once, not five times.
         if self.best_z is None:
             self.first_abs = abs_res
             self.best_crit = torch.where(finite, crit, torch.full_like(crit, math.inf))
             self.best_step = torch.zeros_like(crit, dtype=torch.long)
             self.best_z, self.best_fz = z, fz
-            improved_all = True
+            flags = torch.stack([finite.all(), (self.best_crit < self.tol).all(),
+                                 (abs_res > self.diverge_factor * self.first_abs).any()])
+            all_finite, all_below, grew = flags.tolist()
         else:
             improved = crit < self.best_crit  # NaN compares False: never "best"
-            improved_all = bool(improved.all())
+            self.best_crit = torch.where(improved, crit, self.best_crit)
+            self.best_step = torch.where(improved, self.nfe - 1, self.best_step)
+            flags = torch.stack([improved.all(), improved.any(), finite.all(), (self.best_crit < self.tol).all(),
+                                 (abs_res > self.diverge_factor * self.first_abs).any()])
+            improved_all, improved_any, all_finite, all_below, grew = flags.tolist()
             if improved_all:  # the common case: no copy, just keep references
                 self.best_z, self.best_fz = z, fz
-            elif bool(improved.any()):
+            elif improved_any:
                 keep = improved.unsqueeze(1)
                 self.best_z = torch.where(keep, z, self.best_z)
                 self.best_fz = torch.where(keep, fz, self.best_fz)
-            self.best_crit = torch.where(improved, crit, self.best_crit)
-            self.best_step = torch.where(improved, self.nfe - 1, self.best_step)
-        if not bool(finite.all()):
+        if not all_finite:
             self.status, self.reason = "diverged", f"non-finite f(z) at call {self.nfe}"
             return True
-        if bool((self.best_crit < self.tol).all()):
+        if all_below:
             self.status, self.reason = "converged", f"all samples below tol at call {self.nfe}"
             return True
-        if bool((abs_res > self.diverge_factor * self.first_abs).any()):
+        if grew:
             self.status = "diverged"
             self.reason = f"residual grew over {self.diverge_factor:g}x its start by call {self.nfe}"
             return True
@@ -271,11 +277,10 @@ def _anderson_weights(gram: Tensor, lam: float, newest: int) -> Tensor:
     sol, info = torch.linalg.solve_ex(H, rhs)
     alpha = sol[:, 1:]
     bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
-    if bool(bad.any()):
-        fallback = torch.zeros_like(alpha)
-        fallback[:, newest] = 1.0
-        alpha = torch.where(bad.unsqueeze(1), fallback, alpha)
-    return alpha
+    # Unconditional (no ``if bad.any()``): a (B, n) select costs less than a GPU sync.
+    fallback = torch.zeros_like(alpha)
+    fallback[:, newest] = 1.0
+    return torch.where(bad.unsqueeze(1), fallback, alpha)
 
 
 @dataclass(frozen=True)
