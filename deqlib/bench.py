@@ -3,6 +3,7 @@
     python -m deqlib.bench solvers [--batch 32 --channels 64 --size 32 --tol 1e-3]
     python -m deqlib.bench mdeq [--profile paper --batch 96 --precision no --steps 5]
     python -m deqlib.bench transformer [--profile paper --batch 15 --set model.d_inner=2000]
+    python -m deqlib.bench compare [--profile paper --set repeats=1 --json out.json]
 
 ``mdeq``: one training step of the CIFAR-10 MDEQ of ``params.yaml`` (forward solve, implicit
 backward, Adam step) on random images, without and with the Jacobian penalty applied at that
@@ -46,7 +47,7 @@ from .measure import PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
 
 __all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers", "bench_mdeq",
-           "bench_transformer", "main"]
+           "bench_transformer", "bench_compare", "main"]
 
 
 class ConvMap(nn.Module):
@@ -121,14 +122,22 @@ def calibrated_conv_map(
     return f
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _own_time_per_iter(f: ConvMap, z0: Tensor, method: str, max_iter: int, tol: float) -> float:
     """Seconds per f call that one solve spends outside f: its own work, whatever the time
-    of f happens to be in this process (f's page faults vary between runs)."""
+    of f happens to be in this process (f's page faults vary between runs). On a GPU each call
+    is bracketed by synchronizations, so the solver's kernels are not counted as f's."""
     inside = [0.0]
 
     def timed_f(z: Tensor) -> Tensor:
+        _sync(z.device)
         t0 = time.perf_counter()
         out = f(z)
+        _sync(z.device)
         inside[0] += time.perf_counter() - t0
         return out
 
@@ -140,10 +149,11 @@ def _own_time_per_iter(f: ConvMap, z0: Tensor, method: str, max_iter: int, tol: 
 @torch.no_grad()
 def bench_solvers(
     batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 3,
-    max_iters: tuple[int, int] = (30, 300), seed: int = 0,
+    max_iters: tuple[int, int] = (30, 300), seed: int = 0, device: str | None = None,
 ) -> dict:
-    f = calibrated_conv_map(batch, channels, size, tol, seed)
-    z0 = torch.zeros(batch, channels, size, size)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    f = calibrated_conv_map(batch, channels, size, tol, seed).to(dev)  # calibrated on the CPU
+    z0 = torch.zeros(batch, channels, size, size, device=dev)
     f_time = median_time(lambda: f(z0 + 0.1), repeats=max(5, repeats))
     z1 = z0 + 0.1  # made outside the memory block: the input's bytes are not f's
     with PeakMemory() as pm:
@@ -176,7 +186,8 @@ def bench_solvers(
     return {
         "problem": {"batch": batch, "channels": channels, "size": size, "tol": tol,
                     "scale": f.scale, "f_time_ms": f_time * 1e3, "state_mb": state_bytes / 2**20},
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                   f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
         "torch": torch.__version__,
         "rows": rows,
     }
@@ -379,6 +390,58 @@ def _print_transformer(report: dict) -> None:
               f"{row['core_saved_bytes'] / 2**20:>9.1f}{row[peak_key] / 2**20:>14.1f}")
 
 
+def bench_compare(profile: str = "paper", overrides: dict | None = None, params_path: str | None = None) -> dict:
+    """Notebook 07's comparison (deqlib's solvers against torchdeq's) outside a notebook, for
+    machines without Jupyter: the same :func:`deqlib.experiments.solvers.compare`."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .config import load_experiment, to_dict
+    from .experiments.solvers import SolversExperiment, compare, target_checks, time_ratios, torchdeq_version
+
+    root = Path(__file__).resolve().parent.parent
+    exp = load_experiment(SolversExperiment, "solvers", profile, overrides or {}, params_path or root / "params.yaml")
+    dev = exp.torch_device()
+    result = compare(exp, log=print)
+    return {"profile": profile, "overrides": dict(overrides or {}), "config": to_dict(exp),
+            "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                       f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
+            "torch": torch.__version__, "torchdeq": torchdeq_version(), "note": result.note,
+            **{k: v for k, v in asdict(result).items() if k in ("problems", "rows", "curves")},
+            "checks": target_checks(result), "ratios": {d: time_ratios(result.rows, d) for d in ("fwd", "bwd")}}
+
+
+def _print_compare(report: dict) -> None:
+    print(f"solver comparison ({report['profile']} profile): {report['note']}; {report['device']}, "
+          f"torch {report['torch']}")
+    print(f"{'problem':<17}{'f ms':>8}{'library':>10}{'method':>12}{'NFE f/b':>10}{'conv f/b':>10}"
+          f"{'fwd ms':>9}{'ovh f':>7}{'ovh b':>7}{'grad err':>10}")
+    f_ms = {p["problem"]: p["f_ms"] for p in report["problems"]}
+    for r in report["rows"]:
+        conv = "/".join("y" if r[f"{d}_converged"] else "n" for d in ("fwd", "bwd"))
+        print(f"{r['problem']:<17}{f_ms[r['problem']]:>8.2f}{r['library']:>10}{r['method']:>12}"
+              f"{str(r['fwd_nfe']) + '/' + str(r['bwd_nfe']):>10}{conv:>10}{r['fwd_time_s'] * 1e3:>9.1f}"
+              f"{r['fwd_overhead']:>7.2f}{r['bwd_overhead']:>7.2f}{r['grad_error']:>10.1e}")
+    for d, by_method in report["ratios"].items():
+        for method, v in by_method.items():
+            if v["all"] is not None:
+                both = f"{v['both_converged']:.3f}" if v["both_converged"] is not None else "-"
+                print(f"{d} {method:<11} deqlib/torchdeq time, geomean: all {v['all']:.3f} (n={v['n_all']}), "
+                      f"both converged {both} (n={v['n_both_converged']})")
+
+
+def _parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqlib.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -389,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", type=int, default=32)
     s.add_argument("--tol", type=float, default=1e-3)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     s.add_argument("--json", help="also write the figures to this JSON file")
     m = sub.add_parser("mdeq", help="step time and peak memory of the CIFAR-10 MDEQ, without and with JR")
     m.add_argument("--profile", choices=["paper", "small"], default="paper")
@@ -405,22 +469,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter of the wikitext profile, e.g. model.d_inner=2000")
     t.add_argument("--json", help="also write the figures to this JSON file")
+    c = sub.add_parser("compare", help="notebook 07's deqlib-vs-torchdeq comparison, without Jupyter")
+    c.add_argument("--profile", choices=["paper", "small"], default="paper")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter of the solvers profile, e.g. repeats=1")
+    c.add_argument("--json", help="also write the figures (and residual curves) to this JSON file")
     args = parser.parse_args(argv)
-    if args.bench == "mdeq":
+    if args.bench == "compare":
+        steady_malloc()
+        report = bench_compare(args.profile, _parse_overrides(parser, args.overrides))
+        _print_compare(report)
+    elif args.bench == "mdeq":
         for name in ("batch", "steps"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params)
         _print_mdeq(report)
     elif args.bench == "transformer":
-        import yaml
-
-        overrides = {}
-        for item in args.overrides:
-            if "=" not in item:
-                parser.error(f"--set expects KEY=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            overrides[key] = yaml.safe_load(value)
+        overrides = _parse_overrides(parser, args.overrides)
         for name in ("batch", "vocab", "repeats"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -434,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tol > 0:
             parser.error(f"--tol must be > 0, got {args.tol}")
         steady_malloc()
-        report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda, but torch sees no CUDA device here")
+        report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats, device=args.device)
         _print_solvers(report)
     if args.json:
         with open(args.json, "w") as fh:

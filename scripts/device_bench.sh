@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Paper-size cost on a CUDA machine: the commands behind outputs/device/RESULTS.md.
+#
+#   bash scripts/device_bench.sh costs OUT_DIR     # solver overhead, MDEQ and Transformer steps
+#   bash scripts/device_bench.sh compare OUT_DIR   # notebook 07's comparison, paper profile
+#
+# Each benchmark prints its table and writes OUT_DIR/<name>.json; everything printed also goes
+# to OUT_DIR/<part>.log. torchdeq (the `bench` extra) must be importable for the comparison.
+# Run from the repository root; PYTHON picks the interpreter (default python3).
+set -uo pipefail
+part=${1:?usage: scripts/device_bench.sh costs|compare OUT_DIR}
+out=${2:?usage: scripts/device_bench.sh costs|compare OUT_DIR}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+log="$out/$part.log"
+: >"$log"
+
+step() {  # step NAME SECONDS ARGS...: one benchmark under a time limit; a failure does not stop the rest
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: python -m deqlib.bench $*" | tee -a "$log"
+    timeout "$limit" "$py" -m deqlib.bench "$@" --json "$out/$name.json" 2>&1 | tee -a "$log"
+    echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$log"
+case $part in
+    costs)
+        step solvers_b32 60 solvers --device cuda
+        step solvers_b256 120 solvers --device cuda --batch 256
+        step mdeq_paper 120 mdeq --profile paper --batch 96
+        step mdeq_paper_bf16 90 mdeq --profile paper --batch 96 --precision bf16
+        step transformer_paper 150 transformer --profile paper --batch 15
+        ;;
+    compare)
+        step compare_paper 560 compare --profile paper
+        ;;
+    *)
+        echo "unknown part $part: costs or compare" >&2
+        exit 2
+        ;;
+esac
