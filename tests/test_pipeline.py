@@ -19,7 +19,11 @@ PAPER_SMOKE = {
                 "train.max_steps": 2, "train.batch_size": 4, "eval.batch_size": 8, "eval.nfe": [1, 2],
                 "eval.nfe_cap": 4},
     "solvers": {"synthetic.batch": 64, "conv.batch": 2, "conv.channels": 16, "conv.size": 8,
-                "conv.groups": 4, "hard_nfe": [50, 80], "repeats": 1, "radius_iters": 10},
+                "conv.groups": 4, "hard_nfe": [50, 80], "repeats": 1, "radius_iters": 10,
+                "mdeq.batch": 2, "mdeq.channels": [16, 32], "mdeq.expansion": 2, "mdeq.image_size": 16,
+                "mdeq.downsample": 1, "transformer.batch": 2, "transformer.d_model": 32, "transformer.n_head": 2,
+                "transformer.d_head": 16, "transformer.d_inner": 64, "transformer.tgt_len": 8,
+                "transformer.mem_len": 8, "contract_steps": 30},
     # WikiText-103 (and its 267K vocabulary) is not here: the WikiText-2 slice stands in, and the
     # 98M-parameter model shrinks to what a CPU trains for 3 steps (cutoffs inside the slice's
     # 13,777 words, an 18 -> 2 layer explicit stack, 2,000 evaluation tokens).

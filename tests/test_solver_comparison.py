@@ -7,16 +7,19 @@ import torch
 
 from deqlib.bench import ConvMap, calibrate_scale
 from deqlib.experiments.solvers import (
-    LIBRARIES, METHODS, PROBLEMS, CallRecorder, ConvSpec, SolversExperiment, SyntheticSpec,
-    build_problem, compare, gradient_error, library_solver, measure_solve, recommendations, reference,
-    resolve_libraries, torchdeq_version,
+    LIBRARIES, METHODS, PROBLEMS, CallRecorder, ConvSpec, FlatMap, MDEQSpec, SolversExperiment, SyntheticSpec,
+    TransformerSpec, build_problem, compare, contraction_path, gradient_error, library_solver, measure_solve,
+    recommendations, reference, resolve_libraries, torchdeq_version,
 )
 from deqlib.jacobian import spectral_radius
 from deqlib.solvers import solve
 
 TINY = SolversExperiment(
     synthetic=SyntheticSpec(batch=16), conv=ConvSpec(batch=2, channels=8, size=8, groups=4),
-    easy_nfe=(10, 20), hard_nfe=(60, 90), repeats=1, radius_iters=60, max_iter=150,
+    mdeq=MDEQSpec(batch=2, channels=(16, 32), expansion=2, groups=4, downsample=1, image_size=16),
+    transformer=TransformerSpec(batch=2, d_model=32, n_head=2, d_head=16, d_inner=64, tgt_len=8, mem_len=8,
+                                vocab=100),
+    easy_nfe=(10, 20), hard_nfe=(60, 90), repeats=1, radius_iters=60, max_iter=150, contract_steps=30,
 )
 HAVE_TORCHDEQ = torchdeq_version() is not None
 AVAILABLE = [lib for lib in LIBRARIES if lib == "deqlib" or HAVE_TORCHDEQ]
@@ -150,11 +153,78 @@ def test_without_torchdeq_the_comparison_runs_deqlib_only(monkeypatch):
     "kwargs, name",
     [({"problems": ("synthetic", "mystery")}, "mystery"), ({"methods": ("newton",)}, "newton"),
      ({"libraries": ("jaxopt",)}, "jaxopt"), ({"problems": ()}, "problems"),
-     ({"tol": 0.0}, "tol=0.0"), ({"hard_nfe": (50, 10)}, "hard_nfe"), ({"repeats": 0}, "repeats=0")],
+     ({"tol": 0.0}, "tol=0.0"), ({"hard_nfe": (50, 10)}, "hard_nfe"), ({"repeats": 0}, "repeats=0"),
+     ({"contract_steps": 0}, "contract_steps=0"), ({"contract_lr": -1.0}, "contract_lr=-1.0"),
+     ({"device": "tpu"}, "device='tpu'")],
 )
 def test_bad_config_raises_naming_the_value(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SolversExperiment(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [(lambda: MDEQSpec(groups=3), "groups=3"), (lambda: MDEQSpec(batch=0), "batch=0"),
+     (lambda: MDEQSpec(channels=(16, 32, 64), image_size=2), "image_size=2"),
+     (lambda: TransformerSpec(d_model=63), "d_model"), (lambda: TransformerSpec(vocab=1), "vocab=1"),
+     (lambda: TransformerSpec(batch=0), "batch=0")],
+)
+def test_bad_model_specs_raise_naming_the_value(build, name):
+    with pytest.raises(ValueError, match=name):
+        build()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA device")
+def test_cuda_device_without_cuda_is_refused_before_any_compute():
+    with pytest.raises(ValueError, match="device='cuda'"):
+        SolversExperiment(device="cuda")
+    assert SolversExperiment(device="auto").torch_device().type == "cpu"
+
+
+def test_contraction_path_runs_from_a_regularized_map_to_the_initial_one():
+    """t = 1 restores the initial weights exactly; t = 0 (after the penalty steps) is a map on
+    which plain iteration converges, where the initial MDEQ map's does not."""
+    from deqlib.models.mdeq import MultiscaleMap, Stem
+
+    cfg = TINY.mdeq.config()
+    torch.manual_seed(0)
+    inner, stem = MultiscaleMap(cfg).eval(), Stem(cfg)
+    with torch.no_grad():
+        x = stem(torch.randn(2, 3, 16, 16))
+    example = [torch.zeros(2, c, s, s) for c, s in zip(cfg.channels, cfg.sizes)]
+    f = FlatMap(inner, example, x)
+    z0 = f.packer.pack(example)
+    initial = [p.detach().clone() for p in f.parameters()]
+    assert solve(f, z0, "fixed_point", max_iter=300, tol=1e-3).status != "converged"
+    at = contraction_path(f, z0, steps=30, lr=0.01, seed=0)
+    assert at(1.0) is f and all(torch.equal(p, q) for p, q in zip(f.parameters(), initial))
+    at(0.0)
+    assert solve(f, z0, "fixed_point", max_iter=300, tol=1e-3).status == "converged"
+    at(1.0)
+    assert all(torch.equal(p, q) for p, q in zip(f.parameters(), initial))
+
+
+def test_transformer_problem_converts_its_context_but_not_its_indices(problems):
+    p64 = problems["transformer"].to(torch.float64)
+    ctx = p64.f.inner
+    assert ctx.u.dtype == ctx.mem.dtype == ctx.pos.dtype == torch.float64
+    assert ctx.dist.dtype == torch.long and ctx.mask.dtype == torch.bool
+    z = torch.randn(p64.z0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert p64.f(z).dtype == torch.float64
+
+
+def test_bench_compare_writes_rows_checks_and_ratios(tmp_path, capsys):
+    import json
+
+    from deqlib.bench import main
+
+    out = tmp_path / "compare.json"
+    assert main(["compare", "--profile", "small", "--set", "problems=[synthetic]", "--set", "repeats=1",
+                 "--set", "libraries=[deqlib]", "--set", "radius_iters=5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {(r["problem"], r["method"]) for r in report["rows"]} == {("synthetic", m) for m in METHODS}
+    assert all(r["fwd_converged"] for r in report["rows"]) and report["checks"]
+    assert "deqlib/torchdeq" not in capsys.readouterr().out  # nothing to compare with deqlib alone
 
 
 def test_bad_names_raise_naming_them():

@@ -14,7 +14,10 @@ forward solve and for the implicit backward solve ``u = u J_f(z*) + dL/dz*``:
 
 Problems are seeded builders (:data:`PROBLEMS`); each gives a batched map on flat states
 ``(B, D)``, a start point and ``dL/dz*`` of the loss ``L = <w, z*>``. Every kind has a harder
-variant, the same map scaled so that plain iteration contracts slowly (spectral radius near 1).
+variant, the same map moved along a one-parameter family so that plain iteration contracts
+slowly (spectral radius near 1): a scale of its residual branch (synthetic, conv) or, for the
+real MDEQ and DEQ-Transformer maps, a point on the path between the map as initialized and a
+Jacobian-regularized copy of it (:func:`contraction_path`).
 
 torchdeq is optional (the ``bench`` extra); without it only deqlib's rows are made.
 """
@@ -33,15 +36,18 @@ from torch import Tensor, nn
 
 from ..bench import calibrate_scale, calibrated_conv_map
 from ..deq import StatePacker
-from ..jacobian import spectral_radius
+from ..jacobian import frobenius_sq_per_dim, spectral_radius
 from ..measure import PeakMemory, median_time
+from ..models.mdeq import MDEQConfig, MultiscaleMap, Stem
 from ..models.synthetic import SyntheticMap, SyntheticModelConfig
+from ..models.transformer import Context, DEQTransformerLM, Memory, TransformerConfig
+from ..nn import remove_weight_norm
 from ..solvers import METHODS as DEQLIB_METHODS
 from ..solvers import solve
 
 __all__ = [
-    "METHODS", "LIBRARIES", "PROBLEMS", "SyntheticSpec", "ConvSpec", "SolversExperiment", "Problem",
-    "FlatMap", "build_problem", "torchdeq_version", "resolve_libraries", "library_solver",
+    "METHODS", "LIBRARIES", "PROBLEMS", "SyntheticSpec", "ConvSpec", "MDEQSpec", "TransformerSpec",
+    "SolversExperiment", "Problem", "FlatMap", "LayerMap", "contraction_path", "build_problem", "torchdeq_version", "resolve_libraries", "library_solver",
     "CallRecorder", "measure_solve", "gradient_error", "reference", "describe_problem", "run_one",
     "compare", "Comparison",
     "time_ratios", "recommendations", "target_checks",
@@ -99,18 +105,79 @@ class ConvSpec:
 
 
 @dataclass(frozen=True)
+class MDEQSpec:
+    """The MDEQ's map ``f`` (:class:`deqlib.models.mdeq.MultiscaleMap`) on seeded images.
+
+    The widths follow params.yaml's ``cifar10`` model of the same profile; dropout is off and
+    weight normalization folded in, as inside one solve of training.
+    """
+
+    batch: int = 4
+    channels: tuple[int, ...] = (16, 32, 64)
+    expansion: int = 5
+    groups: int = 4
+    downsample: int = 1
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        _positive_int("batch", self.batch)
+        self.config()  # MDEQConfig names any bad width, group count or size
+
+    def config(self) -> MDEQConfig:
+        return MDEQConfig(channels=tuple(self.channels), expansion=self.expansion, groups=self.groups,
+                          downsample=self.downsample, image_size=self.image_size, dropout=0.0,
+                          head_channels=tuple(self.channels), final_channels=self.channels[-1],
+                          weight_norm=False, init_std=None)
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """One DEQ-Transformer layer (Post-LN, :class:`deqlib.models.transformer.TransformerLayer`)
+    on a segment of seeded tokens with a full memory; dropout off, weight normalization folded in.
+    """
+
+    batch: int = 4
+    d_model: int = 64
+    n_head: int = 4
+    d_head: int = 16
+    d_inner: int = 256
+    tgt_len: int = 32
+    mem_len: int = 32
+    vocab: int = 1000
+
+    def __post_init__(self) -> None:
+        _positive_int("batch", self.batch)
+        _positive_int("vocab", self.vocab, 2)
+        self.config()
+
+    def config(self) -> TransformerConfig:
+        return TransformerConfig(d_model=self.d_model, n_head=self.n_head, d_head=self.d_head,
+                                 d_inner=self.d_inner, tgt_len=self.tgt_len, mem_len=self.mem_len,
+                                 dropout=0.0, cutoffs=(self.vocab // 2,), div_val=1.0)
+
+
+@dataclass(frozen=True)
 class SolversExperiment:
     """Everything the comparison needs; built from params.yaml's ``solvers`` section.
 
     ``easy_nfe`` / ``hard_nfe``: the plain-iteration call counts (to ``tol``) at which each
     problem's scale is calibrated, for the plain and the ``_hard`` variant.
+    ``contract_steps`` / ``contract_lr``: the Adam steps on the Jacobian penalty that make the
+    contractive end of the MDEQ's and the Transformer's path (:func:`contraction_path`).
+    ``device``: ``"cpu"``, ``"cuda"`` (``"cuda:N"``) or ``"auto"`` (CUDA when there is one).
     """
 
-    problems: tuple[str, ...] = ("synthetic", "synthetic_hard", "conv", "conv_hard")
+    problems: tuple[str, ...] = ("synthetic", "synthetic_hard", "conv", "conv_hard", "mdeq", "mdeq_hard",
+                                 "transformer", "transformer_hard")
     methods: tuple[str, ...] = METHODS
     libraries: tuple[str, ...] = LIBRARIES
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     conv: ConvSpec = field(default_factory=ConvSpec)
+    mdeq: MDEQSpec = field(default_factory=MDEQSpec)
+    transformer: TransformerSpec = field(default_factory=TransformerSpec)
+    contract_steps: int = 40
+    contract_lr: float = 0.01
+    device: str = "cpu"
     tol: float = 1e-3
     backward_tol: float = 1e-3
     max_iter: int = 200
@@ -134,10 +201,28 @@ class SolversExperiment:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1):
                 raise ValueError(f"{name} must be in (0, 1), got {name}={v!r}")
-        for name in ("max_iter", "repeats", "reference_max_iter", "radius_iters"):
+        for name in ("max_iter", "repeats", "reference_max_iter", "radius_iters", "contract_steps"):
             _positive_int(name, getattr(self, name))
         _nfe_range("easy_nfe", self.easy_nfe)
         _nfe_range("hard_nfe", self.hard_nfe)
+        lr = self.contract_lr
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"contract_lr must be a finite number > 0, got contract_lr={lr!r}")
+        self.torch_device()  # a bad or unavailable device fails here, before any compute
+
+    def torch_device(self) -> torch.device:
+        """The device the problems run on (``"auto"``: CUDA when available, else CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got device={self.device!r}") from err
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got device={self.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but torch sees no CUDA device here; use 'cpu' or 'auto'")
+        return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +271,11 @@ class Problem:
     def params(self) -> list[Tensor]:
         return [p for p in self.f.parameters() if p.requires_grad]
 
-    def to(self, dtype: torch.dtype) -> "Problem":
-        """A copy in ``dtype`` (same numbers, e.g. float64 for a reference solve)."""
-        return Problem(self.name, self.description, copy.deepcopy(self.f).to(dtype),
-                       self.z0.to(dtype), self.grad_out.to(dtype), self.scale)
+    def to(self, target: torch.dtype | torch.device) -> "Problem":
+        """A copy in ``target``, a dtype (same numbers, e.g. float64 for a reference solve) or
+        a device."""
+        return Problem(self.name, self.description, copy.deepcopy(self.f).to(target),
+                       self.z0.to(target), self.grad_out.to(target), self.scale)
 
 
 def _grad_out(shape: torch.Size, seed: int) -> Tensor:
@@ -238,21 +324,135 @@ def _conv(exp: SolversExperiment, target: tuple[int, int], name: str) -> Problem
     return Problem(name, desc, f, z0, _grad_out(z0.shape, exp.seed), float(inner.scale))
 
 
+def contraction_path(f: nn.Module, z0: Tensor, steps: int, lr: float, seed: int) -> Callable[[float], nn.Module]:
+    """A one-parameter family of maps from a Jacobian-regularized copy of ``f`` (``t = 0``) to
+    ``f`` as it is (``t = 1``); returns ``at(t)``, which sets ``f``'s parameters to
+    ``theta_reg + t (theta_init - theta_reg)`` and returns ``f``.
+
+    Why: the MDEQ and DEQ-Transformer maps are normalized (GroupNorm, LayerNorm), so scaling a
+    branch does not change how fast they contract, and at initialization plain iteration does
+    not reach 1e-3 in 300 calls (MDEQ: residual stuck near 0.8; Transformer: near 4e-3). What
+    makes trained DEQs contractive is training, with the Jacobian penalty the paper's lever.
+    ``theta_reg`` is ``steps`` Adam steps (rate ``lr``) on that penalty alone,
+    ``||J_f(z)||_F^2 / d`` (one seeded probe), at the states plain iteration visits (three
+    calls between steps); no task loss is involved.
+
+    Args:
+        f: ``(B, D) -> (B, D)`` module; its trainable parameters are moved.
+        z0: ``(B, D)`` start of the walk.
+    """
+    params = [p for p in f.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator(device=z0.device).manual_seed(seed)
+    z = z0
+    for _ in range(steps):
+        with torch.no_grad():
+            for _ in range(3):
+                z = f(z)
+        zz = z.detach().requires_grad_()
+        penalty = frobenius_sq_per_dim(zz, f(zz), 1, create_graph=True, generator=gen).mean()
+        opt.zero_grad(set_to_none=True)
+        penalty.backward()
+        opt.step()
+    end = [p.detach().clone() for p in params]
+
+    def at(t: float) -> nn.Module:
+        with torch.no_grad():
+            for p, reg, init in zip(params, end, start):
+                p.copy_(torch.lerp(reg, init, float(t)))
+        return f
+
+    return at
+
+
+def _on_path(exp: SolversExperiment, target: tuple[int, int], name: str, f: nn.Module, z0: Tensor,
+             description: str) -> Problem:
+    """Calibrate ``t`` on :func:`contraction_path` so plain iteration needs ``target`` calls."""
+    at = contraction_path(f, z0, exp.contract_steps, exp.contract_lr, exp.seed)
+    t = calibrate_scale(at, z0, exp.tol, target, hi=1.0)
+    at(t)
+    return Problem(name, description, f, z0, _grad_out(z0.shape, exp.seed).to(z0.device), t)
+
+
+def _mdeq(exp: SolversExperiment, target: tuple[int, int], name: str) -> Problem:
+    """The MDEQ's multiscale map on seeded N(0, 1) images (their stem's output is the injection)."""
+    spec, dev = exp.mdeq, exp.torch_device()
+    cfg = spec.config()
+    with torch.random.fork_rng(devices=[]):  # module initialization draws from the global RNG
+        torch.manual_seed(exp.seed)
+        inner, stem = MultiscaleMap(cfg), Stem(cfg)
+    g = torch.Generator().manual_seed(exp.seed)
+    images = torch.randn(spec.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    with torch.no_grad():
+        x = stem(images)
+    example = [torch.zeros(spec.batch, c, s, s) for c, s in zip(cfg.channels, cfg.sizes)]
+    f = FlatMap(inner.eval(), example, x).to(dev)
+    z0 = f.packer.pack(example).to(dev)
+    sizes = "/".join(f"{c}@{s}x{s}" for c, s in zip(cfg.channels, cfg.sizes))
+    desc = f"MDEQ map, scales {sizes}, batch {spec.batch}"
+    return _on_path(exp, target, name, f, z0, desc)
+
+
+class LayerMap(nn.Module):
+    """A Transformer layer as a map of its state alone, ``z (B, L, d) -> (B, L, d)``; the
+    segment's context (injections, memory, positions, mask) is held in buffers, so ``.to()``
+    moves and converts it with the layer."""
+
+    def __init__(self, layer: nn.Module, ctx: Context):
+        super().__init__()
+        self.layer = layer
+        for key, value in ctx._asdict().items():
+            self.register_buffer(key, value)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.layer(z, Context(self.u, self.mem, self.pos, self.dist, self.mask))
+
+
+def _transformer(exp: SolversExperiment, target: tuple[int, int], name: str) -> Problem:
+    """A Post-LN DEQ-Transformer layer on a segment of seeded tokens after a full memory
+    (memory states N(0, 1), the scale of layer-normalized equilibria)."""
+    spec, dev = exp.transformer, exp.torch_device()
+    cfg = spec.config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(exp.seed)
+        lm = DEQTransformerLM(cfg, spec.vocab).eval()
+    B, L, M, d = spec.batch, cfg.tgt_len, cfg.mem_len, cfg.d_model
+    g = torch.Generator().manual_seed(exp.seed)
+    tokens = torch.randint(0, spec.vocab, (B, M + L), generator=g)
+    with torch.no_grad():
+        u = lm.inject(lm.embed(tokens))
+        ctx = lm.context(u[:, M:], Memory(torch.randn(B, M, d, generator=g), u[:, :M]))
+    for module in lm.layer.modules():  # fold g * v / ||v|| into plain weights, as once_per_step would
+        if "weight_g" in module._parameters:
+            remove_weight_norm(module)
+    f = FlatMap(LayerMap(lm.layer, ctx), torch.zeros(B, L, d)).to(dev)
+    z0 = torch.zeros(B, L * d, device=dev)
+    desc = f"Post-LN Transformer layer, d {d}, {cfg.n_head} heads, inner {cfg.d_inner}, L {L} + mem {M}, batch {B}"
+    return _on_path(exp, target, name, f, z0, desc)
+
+
 # name -> builder(exp, calibration target, name); "_hard" variants use exp.hard_nfe.
 _KINDS: dict[str, Callable[[SolversExperiment, tuple[int, int], str], Problem]] = {
     "synthetic": _synthetic,
     "conv": _conv,
+    "mdeq": _mdeq,
+    "transformer": _transformer,
 }
 PROBLEMS: tuple[str, ...] = tuple(n for k in _KINDS for n in (k, f"{k}_hard"))
 
 
 def build_problem(name: str, exp: SolversExperiment) -> Problem:
-    """The problem ``name`` (see :data:`PROBLEMS`), built deterministically from ``exp.seed``."""
+    """The problem ``name`` (see :data:`PROBLEMS`), built deterministically from ``exp.seed``,
+    on ``exp``'s device."""
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; choose from {list(PROBLEMS)}")
     kind, hard = (name[:-5], True) if name.endswith("_hard") else (name, False)
     target = tuple(exp.hard_nfe if hard else exp.easy_nfe)
-    return _KINDS[kind](exp, target, name)
+    problem = _KINDS[kind](exp, target, name)
+    dev, at = exp.torch_device(), problem.z0.device
+    same = at.type == dev.type and (dev.index is None or at.index == dev.index)
+    return problem if same else problem.to(dev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +556,8 @@ class CallRecorder:
         out = self.f(z)
         self.calls += 1
         if self.record:
+            if out.is_cuda:  # the call's kernels finish inside the timed span, not the paused one
+                torch.cuda.synchronize(out.device)
             t = time.perf_counter()
             res = _max_rel_residual(z, out)
             self.trace.append((self.calls, t - self._t0 - self._paused, res))
@@ -504,7 +706,7 @@ def describe_problem(problem: Problem, exp: SolversExperiment) -> tuple[dict, Re
     t_ref = time.perf_counter() - t0
     z_star = ref.z_star.to(problem.z0.dtype)
     bw = _Backward(problem, z_star)
-    gen = torch.Generator().manual_seed(exp.seed + 2)
+    gen = torch.Generator(device=bw.z.device).manual_seed(exp.seed + 2)
     rho = spectral_radius(bw.z, bw.fz, n_iter=exp.radius_iters, generator=gen)
     t_rho = time.perf_counter() - t0 - t_ref
     with torch.no_grad():
