@@ -1,0 +1,28 @@
+"""The benchmark CLI's solver measurements: what they report must hold, whatever the timings."""
+
+import pytest
+import torch
+
+from deqlib.bench import bench_solvers, main
+
+
+def test_bench_solvers_reports_every_method_and_memory_flat_in_max_iter():
+    report = bench_solvers(batch=2, channels=8, size=8, repeats=1, max_iters=(60, 300), device="cpu")
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"fixed_point", "anderson", "broyden"}
+    for r in rows.values():
+        assert r["status"] == "converged" and r["max_rel_residual"] < 1e-3
+        assert r["overhead"] > 0 and r["nfe"] >= 1
+        # the issue #2 property: no storage that grows with max_iter
+        assert r["extra_mem_mb_max_iter_60"] == r["extra_mem_mb_max_iter_300"]
+    # the histories: Anderson keeps 2m = 10 states, Broyden window + 3 = 23 plus its basis rows
+    assert rows["anderson"]["extra_mem_states_max_iter_60"] > rows["fixed_point"]["extra_mem_states_max_iter_60"]
+    assert rows["broyden"]["extra_mem_states_max_iter_60"] > rows["anderson"]["extra_mem_states_max_iter_60"]
+    assert report["device"].startswith("CPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA device")
+def test_bench_solvers_refuses_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        main(["solvers", "--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
