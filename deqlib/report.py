@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAPER", "write_metrics", "write_curves", "use_style", "make_output_dir"]
+__all__ = ["PAPER", "write_metrics", "write_curves", "use_style", "make_output_dir", "print_setup"]
 
 # Versioned reference numbers; each with where it comes from.
 PAPER: dict[str, dict[str, Any]] = {
@@ -95,6 +95,28 @@ def make_output_dir(path: str | os.PathLike | None) -> Path | None:
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def print_setup(profile: str, cfg: Mapping[str, Any], penalty: str = "Jacobian penalty",
+                penalty_hides: Iterable[str] = ()) -> None:
+    """Print a training notebook's setup, one line per block of its config (``to_dict`` of an
+    experiment with ``data``, ``model``, ``train`` and ``eval``): data, model, training, the
+    forward and backward solvers, the Jacobian penalty (labelled ``penalty``, without the keys
+    in ``penalty_hides``, e.g. a gamma the notebook sweeps) and evaluation."""
+    train = cfg["train"]
+    hidden = set(penalty_hides)
+    setup = {
+        "data": cfg["data"],
+        "model": cfg["model"],
+        "train": {k: v for k, v in train.items() if k not in ("forward", "backward", "jacobian")},
+        "forward solver": train["forward"],
+        "backward solver": train["backward"],
+        penalty: {k: v for k, v in train["jacobian"].items() if k not in hidden},
+        "evaluation": cfg["eval"],
+    }
+    print(f"profile: {profile}")
+    for name, block in setup.items():
+        print(f"{name:>17}: {block}")
 
 
 def _clean(v: Any) -> Any:

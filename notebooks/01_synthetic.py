@@ -41,7 +41,7 @@ from matplotlib import pyplot as plt
 from deqlib.config import load_experiment, to_dict
 from deqlib.data.synthetic import make_synthetic, target_function
 from deqlib.experiments.synthetic import SyntheticExperiment, run_arm, surface
-from deqlib.report import PAPER, make_output_dir, use_style, write_curves, write_metrics
+from deqlib.report import PAPER, make_output_dir, print_setup, use_style, write_curves, write_metrics
 
 use_style()
 
@@ -54,19 +54,7 @@ params_path = "../params.yaml"
 # %%
 exp = load_experiment(SyntheticExperiment, "synthetic", profile, overrides, params_path)
 out = make_output_dir(output_dir)
-cfg = to_dict(exp)
-setup = {
-    "data": cfg["data"],
-    "model": cfg["model"],
-    "train": {k: v for k, v in cfg["train"].items() if k not in ("forward", "backward", "jacobian")},
-    "forward solver": cfg["train"]["forward"],
-    "backward solver": cfg["train"]["backward"],
-    "Jacobian penalty": {k: v for k, v in cfg["train"]["jacobian"].items() if k != "gamma"},
-    "evaluation": cfg["eval"],
-}
-print(f"profile: {profile}")
-for name, block in setup.items():
-    print(f"{name:>17}: {block}")
+print_setup(profile, to_dict(exp), penalty_hides=("gamma",))
 
 # %% [markdown]
 # ## The data (Figure 9)

@@ -55,7 +55,7 @@ from matplotlib import pyplot as plt
 from deqlib.config import load_experiment, to_dict
 from deqlib.data.wikitext import load_wikitext
 from deqlib.experiments.wikitext import WikiTextExperiment, run_arm, unigram_perplexity
-from deqlib.report import PAPER, make_output_dir, use_style, write_curves, write_metrics
+from deqlib.report import PAPER, make_output_dir, print_setup, use_style, write_curves, write_metrics
 
 use_style()
 
@@ -68,19 +68,7 @@ params_path = "../params.yaml"
 # %%
 exp = load_experiment(WikiTextExperiment, "wikitext", profile, overrides, params_path)
 out = make_output_dir(output_dir)
-cfg = to_dict(exp)
-setup = {
-    "data": cfg["data"],
-    "model": cfg["model"],
-    "train": {k: v for k, v in cfg["train"].items() if k not in ("forward", "backward", "jacobian")},
-    "forward solver": cfg["train"]["forward"],
-    "backward solver": cfg["train"]["backward"],
-    "Jacobian penalty": cfg["train"]["jacobian"],
-    "evaluation": cfg["eval"],
-}
-print(f"profile: {profile}")
-for name, block in setup.items():
-    print(f"{name:>17}: {block}")
+print_setup(profile, to_dict(exp))
 
 # %% [markdown]
 # ## The data

@@ -54,7 +54,7 @@ from pathlib import Path
 from deqlib.config import load_experiment, to_dict
 from deqlib.data.cifar import random_crop_flip
 from deqlib.experiments.cifar import ARMS, CifarExperiment, load_data, run_arm
-from deqlib.report import PAPER, make_output_dir, use_style, write_curves, write_metrics
+from deqlib.report import PAPER, make_output_dir, print_setup, use_style, write_curves, write_metrics
 
 use_style()
 
@@ -68,19 +68,7 @@ params_path = "../params.yaml"
 exp = load_experiment(CifarExperiment, "cifar10", profile, overrides, params_path)
 base = Path(params_path).resolve().parent  # relative data roots are relative to params.yaml
 out = make_output_dir(output_dir)
-cfg = to_dict(exp)
-setup = {
-    "data": cfg["data"],
-    "model": cfg["model"],
-    "train": {k: v for k, v in cfg["train"].items() if k not in ("forward", "backward", "jacobian")},
-    "forward solver": cfg["train"]["forward"],
-    "backward solver": cfg["train"]["backward"],
-    "JR arm penalty": cfg["train"]["jacobian"],
-    "evaluation": cfg["eval"],
-}
-print(f"profile: {profile}")
-for name, block in setup.items():
-    print(f"{name:>17}: {block}")
+print_setup(profile, to_dict(exp), penalty="JR arm penalty")
 
 # %% [markdown]
 # ## The data
