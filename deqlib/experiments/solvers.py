@@ -47,7 +47,8 @@ from ..solvers import solve
 
 __all__ = [
     "METHODS", "LIBRARIES", "PROBLEMS", "SyntheticSpec", "ConvSpec", "MDEQSpec", "TransformerSpec",
-    "SolversExperiment", "Problem", "FlatMap", "LayerMap", "contraction_path", "build_problem", "torchdeq_version", "resolve_libraries", "library_solver",
+    "SolversExperiment", "Problem", "FlatMap", "LayerMap", "contraction_path", "build_problem",
+    "torchdeq_version", "resolve_libraries", "library_solver",
     "CallRecorder", "measure_solve", "gradient_error", "reference", "describe_problem", "run_one",
     "compare", "Comparison",
     "time_ratios", "recommendations", "target_checks",
@@ -108,8 +109,9 @@ class ConvSpec:
 class MDEQSpec:
     """The MDEQ's map ``f`` (:class:`deqlib.models.mdeq.MultiscaleMap`) on seeded images.
 
-    The widths follow params.yaml's ``cifar10`` model of the same profile; dropout is off and
-    weight normalization folded in, as inside one solve of training.
+    The widths follow params.yaml's ``cifar10`` model of the same profile. Dropout is off and the
+    convolutions carry plain weights (no weight normalization: at initialization the same
+    function, and inside one solve of training the weights are fixed either way).
     """
 
     batch: int = 4
