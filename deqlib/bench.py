@@ -431,14 +431,14 @@ def _print_compare(report: dict) -> None:
 
 
 def _parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
-    import yaml
+    from .config import load_yaml
 
     overrides = {}
     for item in items:
         if "=" not in item:
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = load_yaml(value)
     return overrides
 
 

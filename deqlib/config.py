@@ -9,6 +9,7 @@ unknown keys (naming them and where they were) and lets each dataclass reject ba
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["build", "load_params", "load_experiment", "apply_overrides", "to_dict", "PROFILES"]
+__all__ = ["build", "load_yaml", "load_params", "load_experiment", "apply_overrides", "to_dict", "PROFILES"]
 
 PROFILES = ("paper", "small")
 T = TypeVar("T")
@@ -64,9 +65,30 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only ``true`` / ``false``.
+
+    ``dvc exp run -S`` rewrites ``params.yaml`` with a YAML 1.2 writer, which drops the quotes
+    of ``mixed_precision: "no"``; YAML 1.1 (PyYAML's default) then reads ``no`` (and ``yes``,
+    ``on``, ``off``) as a boolean. Reading with 1.2 booleans keeps them the strings they are.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as ``params.yaml`` is written: YAML 1.2 booleans (``no`` is a string)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
+    return load_yaml(Path(path).read_text()) or {}
 
 
 def apply_overrides(section: dict, overrides: dict[str, Any]) -> dict:

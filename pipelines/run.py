@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+from deqlib.config import load_params, load_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
@@ -31,7 +31,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key, yaml.safe_load(value)
+    return key, load_yaml(value)
 
 
 def run(experiment: str, profile: str | None = None, overrides: dict | None = None,
@@ -43,7 +43,7 @@ def run(experiment: str, profile: str | None = None, overrides: dict | None = No
         raise SystemExit(f"unknown experiment {experiment!r}; known: {sorted(NOTEBOOKS)}")
     params_path = Path(params_path or ROOT / "params.yaml").resolve()
     if profile is None:
-        profile = (yaml.safe_load(params_path.read_text()) or {}).get("profile", "paper")
+        profile = load_params(params_path).get("profile", "paper")
     out = Path(out or ROOT / "outputs" / experiment).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = ROOT / "notebooks" / NOTEBOOKS[experiment]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deqlib.config import PROFILES, apply_overrides, build, load_experiment
+from deqlib.config import PROFILES, apply_overrides, build, load_experiment, load_yaml, to_dict
 from deqlib.experiments.cifar import CifarExperiment
 from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
@@ -19,6 +19,29 @@ EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "so
 
 def test_default_profile_is_paper():
     assert yaml.safe_load((ROOT / "params.yaml").read_text())["profile"] == "paper"
+
+
+def test_yaml_booleans_are_yaml_1_2():
+    assert load_yaml("a: no\nb: off\nc: yes\nd: true\ne: False\nf: 0.5") == \
+        {"a": "no", "b": "off", "c": "yes", "d": True, "e": False, "f": 0.5}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_params_read_the_same_after_dvc_rewrites_them(profile, tmp_path):
+    """`dvc exp run -S profile=small` re-dumps params.yaml with ruamel (YAML 1.2), which drops
+    the quotes of strings like "no"; every experiment must still build the same config."""
+    ruamel = pytest.importorskip("ruamel.yaml")
+    rt = ruamel.YAML()  # round-trip mode, as DVC writes
+    with open(ROOT / "params.yaml") as fh:
+        data = rt.load(fh)
+    data["profile"] = "small"
+    rewritten = tmp_path / "params.yaml"
+    with open(rewritten, "w") as fh:
+        rt.dump(data, fh)
+    for name, cls in EXPERIMENTS.items():
+        before = load_experiment(cls, name, profile, params_path=ROOT / "params.yaml")
+        after = load_experiment(cls, name, profile, params_path=rewritten)
+        assert to_dict(after) == to_dict(before), name
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
