@@ -353,14 +353,15 @@ print(f"notebook wall time: {time.perf_counter() - t_notebook:.0f} s")
 # once residuals fall below about $10^{-2}$, which a one-dimensional state reaches in a few
 # steps (135 calls against 4 on the plain synthetic backward). On the larger states the same
 # $\lambda$ is negligible and both Andersons take the same calls (conv, MDEQ) or deqlib's a
-# few fewer (Transformer: 45 against 56 on the hard one). Geometric mean over the eight problems of deqlib's forward time over
-# torchdeq's: plain iteration **0.85** (target $\le 0.8$, missed), Anderson **0.78**
-# (target $\le 0.5$, missed), Broyden **0.49** (target $\le 0.2$, missed); backward 0.87,
-# 0.38 and 0.45. Where both take the same calls the ratio is the ratio of overheads: for
-# Anderson 1.30-1.41 against 1.57-1.76 on the conv maps, about equal on the MDEQ maps; torchdeq's Broyden is slow where its history is large
-# (conv: ratios 0.17 and 0.08) but not on the small states, where both Broydens cost about
-# the same. The targets assumed torchdeq's regularizer and preallocation would dominate
-# everywhere; on most of these problems they do not.
+# few fewer (Transformer: 45 against 56 on the hard one). Geometric mean over the eight
+# problems of deqlib's forward time over torchdeq's: plain iteration **0.85** (target
+# $\le 0.8$, missed), Anderson **0.78** (target $\le 0.5$, missed), Broyden **0.49** (target
+# $\le 0.2$, missed); backward 0.87, 0.38 and 0.45. Where both take the same calls the ratio
+# is the ratio of overheads: for Anderson 1.30-1.41 against 1.57-1.76 on the conv maps, about
+# equal on the MDEQ maps. torchdeq's Broyden is slow where its history is large (conv: ratios
+# 0.17 and 0.08) but not on the small states, where both Broydens cost about the same. The
+# targets assumed torchdeq's regularizer and preallocation would dominate everywhere; on most
+# of these problems they do not.
 #
 # **Gradients.** A residual tolerance of $10^{-3}$ is not a gradient accuracy of $10^{-3}$.
 # At the same tolerance the parameter gradient is off by about $10^{-2}$ on the plain MDEQ and
