@@ -43,6 +43,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .config import parse_override
 from .measure import PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
 
@@ -186,8 +187,7 @@ def bench_solvers(
     return {
         "problem": {"batch": batch, "channels": channels, "size": size, "tol": tol,
                     "scale": f.scale, "f_time_ms": f_time * 1e3, "state_mb": state_bytes / 2**20},
-        "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                   f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
+        "device": _device_name(dev),
         "torch": torch.__version__,
         "rows": rows,
     }
@@ -274,9 +274,7 @@ def bench_mdeq(profile: str = "paper", batch: int = 96, precision: str = "no", s
                      "peak_fwd_bwd_mb": peaks[0] / 2**20, "peak_step_mb": peaks[1] / 2**20,
                      "fwd_nfe": nfe[-1][0], "bwd_nfe": nfe[-1][1]})
         del model, opt
-    name = torch.cuda.get_device_name(dev) if cuda else (
-        f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
-    return {"profile": profile, "batch": batch, "precision": precision, "device": name,
+    return {"profile": profile, "batch": batch, "precision": precision, "device": _device_name(dev),
             "memory": kind, "torch": torch.__version__, "channels": list(exp.model.channels), "rows": rows}
 
 
@@ -365,13 +363,11 @@ def bench_transformer(profile: str = "paper", batch: int = 15, overrides: dict |
     base_time = next(r["step_s"] for r in rows if r["model"] == "explicit")
     for r in rows:
         r["time_vs_explicit"] = r["step_s"] / base_time
-    dev = (torch.cuda.get_device_name() if device.type == "cuda"
-           else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     return {"profile": profile, "overrides": dict(overrides or {}), "batch": batch, "tgt_len": cfg.tgt_len,
             "mem_len": cfg.mem_len, "d_model": cfg.d_model, "d_inner": cfg.d_inner, "vocab": vocab,
             "forward": f"{tcfg.forward.method} {tcfg.forward.max_iter}",
             "backward": f"{tcfg.backward.method} {tcfg.backward.max_iter}",
-            "device": dev, "torch": torch.__version__, "rows": rows}
+            "device": _device_name(device), "torch": torch.__version__, "rows": rows}
 
 
 def _print_transformer(report: dict) -> None:
@@ -404,8 +400,7 @@ def bench_compare(profile: str = "paper", overrides: dict | None = None, params_
     dev = exp.torch_device()
     result = compare(exp, log=print)
     return {"profile": profile, "overrides": dict(overrides or {}), "config": to_dict(exp),
-            "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                       f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
+            "device": _device_name(dev),
             "torch": torch.__version__, "torchdeq": torchdeq_version(), "note": result.note,
             **{k: v for k, v in asdict(result).items() if k in ("problems", "rows", "curves")},
             "checks": target_checks(result), "ratios": {d: time_ratios(result.rows, d) for d in ("fwd", "bwd")}}
@@ -430,16 +425,11 @@ def _print_compare(report: dict) -> None:
                       f"both converged {both} (n={v['n_both_converged']})")
 
 
-def _parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict:
-    from .config import load_yaml
-
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = load_yaml(value)
-    return overrides
+def _device_name(dev: torch.device) -> str:
+    """The device a report was measured on, in words."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,18 +456,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch", type=int, default=15)
     t.add_argument("--vocab", type=int, default=267_735, help="vocabulary size (WikiText-103's by default)")
     t.add_argument("--repeats", type=int, default=3)
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    t.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                   metavar="KEY=VALUE",
                    help="override a parameter of the wikitext profile, e.g. model.d_inner=2000")
     t.add_argument("--json", help="also write the figures to this JSON file")
     c = sub.add_parser("compare", help="notebook 07's deqlib-vs-torchdeq comparison, without Jupyter")
     c.add_argument("--profile", choices=["paper", "small"], default="paper")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    c.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                   metavar="KEY=VALUE",
                    help="override a parameter of the solvers profile, e.g. repeats=1")
     c.add_argument("--json", help="also write the figures (and residual curves) to this JSON file")
     args = parser.parse_args(argv)
     if args.bench == "compare":
         steady_malloc()
-        report = bench_compare(args.profile, _parse_overrides(parser, args.overrides))
+        report = bench_compare(args.profile, dict(args.overrides))
         _print_compare(report)
     elif args.bench == "mdeq":
         for name in ("batch", "steps"):
@@ -486,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params)
         _print_mdeq(report)
     elif args.bench == "transformer":
-        overrides = _parse_overrides(parser, args.overrides)
+        overrides = dict(args.overrides)
         for name in ("batch", "vocab", "repeats"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -8,6 +8,7 @@ unknown keys (naming them and where they were) and lets each dataclass reject ba
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["build", "load_yaml", "load_params", "load_experiment", "apply_overrides", "to_dict", "PROFILES"]
+__all__ = ["build", "load_yaml", "parse_override", "load_params", "load_experiment", "apply_overrides", "to_dict", "PROFILES"]
 
 PROFILES = ("paper", "small")
 T = TypeVar("T")
@@ -85,6 +86,15 @@ _Yaml12Loader.add_implicit_resolver(
 def load_yaml(text: str) -> Any:
     """Parse YAML as ``params.yaml`` is written: YAML 1.2 booleans (``no`` is a string)."""
     return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.max_steps=3"`` -> ``("train.max_steps", 3)``: a command line's ``--set``, its value
+    read as params.yaml is. An argparse ``type=``: a text without ``=`` is a usage error."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, load_yaml(value)
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deqlib.config import load_params, load_yaml
+from deqlib.config import load_params, parse_override
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
@@ -25,13 +25,6 @@ NOTEBOOKS = {
     "solvers": "07_solvers.py",
     "wikitext": "02_wikitext.py",
 }
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key, load_yaml(value)
 
 
 def run(experiment: str, profile: str | None = None, overrides: dict | None = None,
