@@ -17,7 +17,8 @@ penalty and of the explicit weight-tied stack (see :func:`bench_transformer`).
 
 ``solvers``: each method on an MDEQ-sized conv map f(z) = GN(s * conv(relu(conv(z))) + x),
 whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
-Prints time to tolerance, NFE, the overhead ratio ``solve time / (NFE x median f time)``, the
+Prints time to tolerance, NFE, the overhead ratio ``solve time / (NFE x median f time)`` (the
+median over ``repeats`` solves, each against f timed just before it), the
 solver's own time per f call (solve time minus the time spent inside f, over NFE) and the
 solver's extra memory (peak live bytes of the solve minus those of one f call) at two
 ``max_iter`` values.
@@ -149,24 +150,30 @@ def _own_time_per_iter(f: ConvMap, z0: Tensor, method: str, max_iter: int, tol: 
 
 @torch.no_grad()
 def bench_solvers(
-    batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 3,
+    batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 5,
     max_iters: tuple[int, int] = (30, 300), seed: int = 0, device: str | None = None,
 ) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     f = calibrated_conv_map(batch, channels, size, tol, seed).to(dev)  # calibrated on the CPU
     z0 = torch.zeros(batch, channels, size, size, device=dev)
-    f_time = median_time(lambda: f(z0 + 0.1), repeats=max(5, repeats))
-    z1 = z0 + 0.1  # made outside the memory block: the input's bytes are not f's
+    z1 = z0 + 0.1  # made outside the timings and the memory block: its cost is not f's
+    f_time = median_time(lambda: f(z1), repeats=max(5, repeats))
     with PeakMemory() as pm:
         f(z1)
     f_peak = pm.peak
-    del z1
     state_bytes = z0.numel() * z0.element_size()
     rows = []
     for method in sorted(METHODS):
         res = solve(f, z0, method=method, max_iter=max_iters[0], tol=tol)
-        t = median_time(lambda: solve(f, z0, method=method, max_iter=max_iters[0], tol=tol),
-                        repeats=repeats, warmup=0)
+        # Each solve is paired with a timing of f just before it, and the ratio is taken per
+        # pair: on a shared CPU the speed of f drifts by several percent between minutes.
+        times, ratios = [], []
+        for _ in range(repeats):
+            f_now = median_time(lambda: f(z1), repeats=5, warmup=0)
+            times.append(median_time(lambda: solve(f, z0, method=method, max_iter=max_iters[0], tol=tol),
+                                     repeats=1, warmup=0))
+            ratios.append(times[-1] / (res.nfe * f_now))
+        t, overhead = sorted(times)[repeats // 2], sorted(ratios)[repeats // 2]
         own = _own_time_per_iter(f, z0, method, max_iters[0], tol)
         mem = {}
         for mi in max_iters:
@@ -179,7 +186,7 @@ def bench_solvers(
             "status": res.status,
             "max_rel_residual": float(res.rel_residual.max()),
             "time_s": t,
-            "overhead": t / (res.nfe * f_time),
+            "overhead": overhead,
             "own_ms_per_iter": own * 1e3,
             **{f"extra_mem_mb_max_iter_{mi}": mem[mi] / 2**20 for mi in max_iters},
             **{f"extra_mem_states_max_iter_{mi}": mem[mi] / state_bytes for mi in max_iters},
@@ -441,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--channels", type=int, default=64)
     s.add_argument("--size", type=int, default=32)
     s.add_argument("--tol", type=float, default=1e-3)
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     s.add_argument("--json", help="also write the figures to this JSON file")
     m = sub.add_parser("mdeq", help="step time and peak memory of the CIFAR-10 MDEQ, without and with JR")

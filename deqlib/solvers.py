@@ -13,7 +13,9 @@ What every method shares (and so lives in :class:`_Tracker`, not in the methods)
   status ``"diverged"``; the best iterate so far is still returned.
 
 Memory: fixed-point keeps O(1) states, Anderson ``m`` pairs, Broyden ``window + 3`` states;
-none grows with ``max_iter``.
+none grows with ``max_iter``. On the CPU the history buffers are lent by
+:data:`deqlib.buffers.POOL` and kept for the next solve (a fresh one page-faults in at ~1.5 ms
+per 8 MB state); :func:`deqlib.buffers.release_buffers` frees them.
 
 Speed (CPU): besides ``f``, a solve's time is memory traffic over the history, so Anderson
 and Broyden make two passes over it per iteration (the dots with the new residual, then the
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .buffers import POOL, Empty
 
 __all__ = ["SolverResult", "solve", "METHODS", "STOP_MODES", "check_method_options"]
 
@@ -66,7 +70,12 @@ class SolverResult:
 
 
 class _Tracker:
-    """Residual bookkeeping shared by all methods; states are ``(B, D)``."""
+    """Residual bookkeeping shared by all methods; states are ``(B, D)``.
+
+    On a GPU at DEQ sizes a solver iteration is bound by kernel launches, not arithmetic, so
+    ``record`` is written in few operations: one host transfer carries every decision, and the
+    index of each sample's best iterate is found once, from the traces, at the end.
+    """
 
     def __init__(self, max_iter: int, tol: float, stop_mode: str, diverge_factor: float):
         self.max_iter = max_iter
@@ -79,8 +88,7 @@ class _Tracker:
         self.best_z: Tensor | None = None
         self.best_fz: Tensor | None = None
         self.best_crit: Tensor | None = None
-        self.best_step: Tensor | None = None
-        self.first_abs: Tensor | None = None
+        self.limit: Tensor | None = None  # (B,) absolute residual above which a sample diverged
         self.status = "max_iter"
         self.reason = ""
 
@@ -94,37 +102,32 @@ class _Tracker:
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         crit = rel_res if self.use_rel else abs_res
-        finite = torch.isfinite(crit)
-        # Every decision below needs a value on the host; they are gathered into one transfer,
-        # so that on a GPU an iteration waits for its kernels once, not five times.
         if self.best_z is None:
-            self.first_abs = abs_res
-            self.best_crit = torch.where(finite, crit, torch.full_like(crit, math.inf))
-            self.best_step = torch.zeros_like(crit, dtype=torch.long)
-            self.best_z, self.best_fz = z, fz
-            flags = torch.stack([finite.all(), (self.best_crit < self.tol).all(),
-                                 (abs_res > self.diverge_factor * self.first_abs).any()])
-            all_finite, all_below, grew = flags.tolist()
+            self.limit = self.diverge_factor * abs_res
+            # fmin takes the finite side, so a NaN start leaves the best criterion at inf.
+            self.best_crit = torch.fmin(crit, torch.full_like(crit, math.inf))
+            improved = crit < math.inf
         else:
             improved = crit < self.best_crit  # NaN compares False: never "best"
-            self.best_crit = torch.where(improved, crit, self.best_crit)
-            self.best_step = torch.where(improved, self.nfe - 1, self.best_step)
-            flags = torch.stack([improved.all(), improved.any(), finite.all(), (self.best_crit < self.tol).all(),
-                                 (abs_res > self.diverge_factor * self.first_abs).any()])
-            improved_all, improved_any, all_finite, all_below, grew = flags.tolist()
-            if improved_all:  # the common case: no copy, just keep references
-                self.best_z, self.best_fz = z, fz
-            elif improved_any:
-                keep = improved.unsqueeze(1)
-                self.best_z = torch.where(keep, z, self.best_z)
-                self.best_fz = torch.where(keep, fz, self.best_fz)
+            self.best_crit = torch.fmin(crit, self.best_crit)
+        # Per sample: improved, not improved, finite, below tol, within the divergence limit;
+        # all() over samples then gives every decision (any(x) = not all(not x)) in one transfer.
+        flags = torch.stack([improved, ~improved, crit < math.inf, self.best_crit < self.tol,
+                             abs_res <= self.limit]).all(dim=1)
+        all_improved, none_improved, all_finite, all_below, none_grew = flags.tolist()
+        if all_improved or self.best_z is None:  # the common case: no copy, just keep references
+            self.best_z, self.best_fz = z, fz
+        elif not none_improved:
+            keep = improved.unsqueeze(1)
+            self.best_z = torch.where(keep, z, self.best_z)
+            self.best_fz = torch.where(keep, fz, self.best_fz)
         if not all_finite:
             self.status, self.reason = "diverged", f"non-finite f(z) at call {self.nfe}"
             return True
         if all_below:
             self.status, self.reason = "converged", f"all samples below tol at call {self.nfe}"
             return True
-        if grew:
+        if not none_grew:
             self.status = "diverged"
             self.reason = f"residual grew over {self.diverge_factor:g}x its start by call {self.nfe}"
             return True
@@ -136,7 +139,12 @@ class _Tracker:
     def result(self, shape: torch.Size) -> SolverResult:
         abs_trace = torch.stack(self.abs_trace)
         rel_trace = torch.stack(self.rel_trace)
-        idx = self.best_step.unsqueeze(0)
+        crit = rel_trace if self.use_rel else abs_trace
+        # The first call at which each sample reached its lowest criterion: the iterate that
+        # ``record`` kept (a strict ``<`` there keeps the first of equal values, as argmin does).
+        # NaN and inf never count as best; a sample that never was finite keeps call 0.
+        best_step = torch.where(torch.isfinite(crit), crit, math.inf).argmin(dim=0)
+        idx = best_step.unsqueeze(0)
         abs_res = abs_trace.gather(0, idx).squeeze(0)
         rel_res = rel_trace.gather(0, idx).squeeze(0)
         converged = (rel_res if self.use_rel else abs_res) < self.tol
@@ -148,7 +156,7 @@ class _Tracker:
             rel_residual=rel_res,
             abs_trace=abs_trace,
             rel_trace=rel_trace,
-            best_step=self.best_step,
+            best_step=best_step,
             converged=converged,
             status=self.status,
             reason=self.reason,
@@ -174,15 +182,21 @@ def _combine(c: Tensor, H: Tensor, add: Tensor | None = None, alpha: float = 1.0
     return torch.baddbmm(add.unsqueeze(1), c.unsqueeze(1), H, alpha=alpha).squeeze(1)
 
 
+def _vdot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` per sample for small ``a, b (B, n)``: ``(B,)``, one operation."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def _mv(A: Tensor, x: Tensor) -> Tensor:
     """``A x`` per sample for small ``A (B, p, n)`` and ``x (B, n)``: ``(B, p)``."""
     return torch.bmm(A, x.unsqueeze(2)).squeeze(2)
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods. Each takes the flattened map, a (B, D) start point and the tracker, and its own
-# options; it calls ``tracker.record(z, f(z), f(z) - z)`` after every evaluation and stops
-# when told.
+# Methods. Each takes the flattened map, a (B, D) start point, the tracker, its own options
+# and ``empty`` (which lends history buffers, see deqlib.buffers); it calls
+# ``tracker.record(z, f(z), f(z) - z)`` after every evaluation and stops when told. Nothing it
+# leaves in the tracker may be a view of a lent buffer.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -197,7 +211,7 @@ class FixedPointOptions:
             raise ValueError(f"beta must be in (0, 1], got beta={self.beta!r}")
 
 
-def _fixed_point(f: FlatMap, z: Tensor, tracker: _Tracker, opts: FixedPointOptions) -> None:
+def _fixed_point(f: FlatMap, z: Tensor, tracker: _Tracker, opts: FixedPointOptions, empty: Empty) -> None:
     while True:
         fz = f(z)
         g = fz - z
@@ -228,12 +242,12 @@ class AndersonOptions:
             raise ValueError(f"lam must be >= 0, got lam={self.lam!r}")
 
 
-def _anderson(f: FlatMap, z: Tensor, tracker: _Tracker, opts: AndersonOptions) -> None:
+def _anderson(f: FlatMap, z: Tensor, tracker: _Tracker, opts: AndersonOptions, empty: Empty) -> None:
     B, D = z.shape
     m = opts.m
-    F = z.new_empty(B, m, D)  # f(z_i) for the last m iterates (ring buffer)
-    G = z.new_empty(B, m, D)  # residuals g_i = f(z_i) - z_i
-    gram = torch.zeros(B, m, m, dtype=torch.float64, device=z.device)  # <g_i, g_j>
+    F = empty(B, m, D, like=z)  # f(z_i) for the last m iterates (ring buffer)
+    G = empty(B, m, D, like=z)  # residuals g_i = f(z_i) - z_i
+    system = _AndersonSystem(B, m, opts.lam, z.device)
     k = 0
     while True:
         fz = f(z)
@@ -244,43 +258,55 @@ def _anderson(f: FlatMap, z: Tensor, tracker: _Tracker, opts: AndersonOptions) -
         n = min(k + 1, m)
         F[:, s] = fz
         # Only the newest residual changed: update one row and column of the Gram matrix.
-        col = _dots(G[:, :n], g).double()  # (B, n)
-        gram[:, s, :n] = col
-        gram[:, :n, s] = col
-        alpha = _anderson_weights(gram[:, :n, :n], opts.lam, s).to(z.dtype)  # (B, n)
+        system.set_row(s, _dots(G[:, :n], g).double())
+        alpha = system.weights(n, s).to(z.dtype)  # (B, n)
         z = _combine(alpha, F[:, :n])
         if opts.beta != 1.0:  # z = sum a_i (beta f_i + (1-beta) z_i) = sum a_i (f_i - (1-beta) g_i)
             z = _combine(alpha, G[:, :n], add=z, alpha=-(1.0 - opts.beta))
         k += 1
 
 
-def _anderson_weights(gram: Tensor, lam: float, newest: int) -> Tensor:
-    """Solve ``min ||sum_i a_i g_i||^2 s.t. sum_i a_i = 1`` per sample.
+class _AndersonSystem:
+    """The constrained least squares ``min ||sum_i a_i g_i||^2 + lam s ||a||^2, sum_i a_i = 1``
+    per sample, as the bordered system ``[[0, 1^T], [1, Gram / s + lam I]] [mu; a] = [1; 0]``.
 
-    Args:
-        gram: ``(B, n, n)`` float64 Gram matrix of the residuals.
-        lam: regularizer relative to the mean diagonal of ``gram``.
-        newest: slot of the newest residual; samples whose system is singular or non-finite
-            fall back to weight 1 on it (a plain fixed-point step).
-    Returns:
-        ``(B, n)`` float64 weights summing to 1.
+    ``s`` is the mean diagonal of the Gram matrix, so ``lam`` keeps its strength whatever the
+    size of the residuals; dividing by it also keeps the Gram block of the order of the border,
+    which LU needs for an accurate ``a``. The border, the right-hand side and the fallback
+    weights are built once per solve (a solver iteration on a GPU is bound by kernel launches).
+
+    Shapes: ``P (B, m+1, m+1)`` float64, the border and the raw Gram matrix ``<g_i, g_j>``.
     """
-    B, n, _ = gram.shape
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-300)  # (B,)
-    H = torch.zeros(B, n + 1, n + 1, dtype=gram.dtype, device=gram.device)
-    H[:, 0, 1:] = 1.0
-    H[:, 1:, 0] = 1.0
-    H[:, 1:, 1:] = gram / scale.view(B, 1, 1)  # scale-free system: lam means the same always
-    H[:, 1:, 1:].diagonal(dim1=1, dim2=2).add_(lam)
-    rhs = torch.zeros(B, n + 1, dtype=gram.dtype, device=gram.device)
-    rhs[:, 0] = 1.0
-    sol, info = torch.linalg.solve_ex(H, rhs)
-    alpha = sol[:, 1:]
-    bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
-    # Unconditional (no ``if bad.any()``): a (B, n) select costs less than a GPU sync.
-    fallback = torch.zeros_like(alpha)
-    fallback[:, newest] = 1.0
-    return torch.where(bad.unsqueeze(1), fallback, alpha)
+
+    def __init__(self, B: int, m: int, lam: float, device: torch.device):
+        f64 = {"dtype": torch.float64, "device": device}
+        self.P = torch.zeros(B, m + 1, m + 1, **f64)
+        self.border = torch.zeros(m + 1, m + 1, dtype=torch.bool, device=device)
+        self.border[0, 1:] = True
+        self.border[1:, 0] = True
+        self.P[:, self.border] = 1.0
+        self.lam_eye = torch.diag(torch.tensor([0.0] + [lam] * m, **f64))
+        self.rhs = torch.zeros(B, m + 1, **f64)
+        self.rhs[:, 0] = 1.0
+        self.plain = torch.eye(m, **f64)  # row s: all weight on slot s, a plain fixed-point step
+
+    def set_row(self, s: int, col: Tensor) -> None:
+        """Residual ``s`` is new: ``col (B, n)`` holds ``<g_i, g_s>`` for the slots in use."""
+        n = col.shape[1]
+        self.P[:, 1 + s, 1 : n + 1] = col
+        self.P[:, 1 : n + 1, 1 + s] = col
+
+    def weights(self, n: int, newest: int) -> Tensor:
+        """``(B, n)`` float64 weights summing to 1 over the first ``n`` slots. A sample whose
+        system is singular or not finite gets weight 1 on slot ``newest`` instead."""
+        P = self.P[:, : n + 1, : n + 1]
+        scale = P[:, 1:, 1:].diagonal(dim1=1, dim2=2).mean(dim=1).view(-1, 1, 1)
+        H = torch.where(self.border[: n + 1, : n + 1], P, P / scale + self.lam_eye[: n + 1, : n + 1])
+        sol, info = torch.linalg.solve_ex(H, self.rhs[:, : n + 1])
+        alpha = sol[:, 1:]
+        # A NaN or inf weight makes the sum non-finite; all residuals zero makes scale 0 and H NaN.
+        ok = (info == 0) & (alpha.sum(dim=1).abs() < math.inf)
+        return torch.where(ok.unsqueeze(1), alpha, self.plain[newest, :n])
 
 
 @dataclass(frozen=True)
@@ -300,7 +326,7 @@ class BroydenOptions:
             raise ValueError(f"window must be an integer >= 1, got window={self.window!r}")
 
 
-def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions) -> None:
+def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions, empty: Empty) -> None:
     """Good Broyden, ``Hinv = -I + sum_i u_i v_i^T`` with ``k <= L`` terms, in compact form.
 
     Every ``u_i``, ``v_i`` and step ``dx`` is a combination of the residuals met since the last
@@ -318,7 +344,7 @@ def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions) -> 
     L = min(opts.window, max(tracker.max_iter - 1, 1))
     cap = L + 3  # n <= k + 2, plus the row of the newest residual
     f64 = {"dtype": torch.float64, "device": z.device}
-    W = z.new_empty(B, cap, D)
+    W = empty(B, cap, D, like=z)
     M = torch.zeros(B, cap, cap, **f64)
     Cu = torch.zeros(B, L, cap, **f64)  # rows past k stay zero
     Cv = torch.zeros(B, L, cap, **f64)
@@ -331,6 +357,7 @@ def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions) -> 
     e[:, 0] = 1.0  # with no terms, dx = -Hinv g = g: a plain fixed-point step
     n, k = 1, 0
     one = torch.ones(B, 1, **f64)
+    zero = torch.zeros((), **f64)
     while True:
         z = _combine(e[:, :n].to(z.dtype), W[:, :n], add=z)  # z + dx
         fz = f(z)
@@ -346,18 +373,20 @@ def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions) -> 
         w_dx = _mv(M[:, :n, :n], en)  # (B, n): w_i . dx
         a = _mv(Cvn, rn)  # (B, k): V g
         q = _mv(Cun, w_dx)  # (B, k): U dx
-        s = (q * a).sum(1) - (en * rn).sum(1)  # v . g
-        dxdx = (en * w_dx).sum(1)
+        s = _vdot(q, a) - _vdot(en, rn)  # v . g
+        dxdx = _vdot(en, w_dx)
         d = dxdx + s  # v . dg = dx^T Hinv dg
-        ok = torch.isfinite(d) & (d.abs() > 1e-30)  # else skip the update for that sample
-        inv_d = torch.where(ok, 1.0 / d, 0.0)
+        d_abs = d.abs()
+        ok = (d_abs > 1e-30) & (d_abs < math.inf)  # else skip the update for that sample (NaN too)
+        inv_d = torch.where(ok, d, math.inf).reciprocal()  # 0 where skipped
         ey = torch.cat([-_mv(Cun.transpose(1, 2), a), one], dim=1)  # y = g - U^T a; u = y / d
         ev = torch.where(ok.unsqueeze(1), _mv(Cvn.transpose(1, 2), q) - en, 0.0)  # v
         if k < L:
-            Cu[:, k, : n + 1] = torch.where(ok.unsqueeze(1), ey * inv_d.unsqueeze(1), 0.0)
+            # Written in place (``out=``): on a GPU every separate copy is one more launch.
+            torch.where(ok.unsqueeze(1), ey * inv_d.unsqueeze(1), zero, out=Cu[:, k, : n + 1])
             Cv[:, k, :n] = ev
             # Next step -Hinv_new g = y - u (v . g) = (dxdx / d) y; plain y if skipped.
-            e[:, : n + 1] = ey * torch.where(ok, dxdx * inv_d, 1.0).unsqueeze(1)
+            torch.mul(ey, torch.where(ok, dxdx * inv_d, 1.0).unsqueeze(1), out=e[:, : n + 1])
             n, k = n + 1, k + 1
         else:  # memory full: restart from -I plus this update (overwriting the oldest was unstable)
             # Fresh basis [y, v, g]: u = y / d, v, and the step g - u (v . g).
@@ -455,5 +484,6 @@ def solve(
         return f(z.view(shape)).reshape(B, -1)
 
     tracker = _Tracker(int(max_iter), float(tol), stop_mode, float(diverge_factor))
-    METHODS[method][0](f_flat, z0.reshape(B, -1), tracker, opts)
+    with POOL.lease() as empty:
+        METHODS[method][0](f_flat, z0.reshape(B, -1), tracker, opts, empty)
     return tracker.result(shape)

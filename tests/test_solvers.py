@@ -228,12 +228,21 @@ def test_broyden_compact_form_matches_explicit_rank_one_updates(window):
     torch.testing.assert_close(res.abs_trace, ref, rtol=1e-7, atol=1e-12)
 
 
+def _reference_anderson_weights(G: torch.Tensor, lam: float) -> torch.Tensor:
+    """``min ||sum_i a_i g_i||^2 + lam s ||a||^2`` s.t. ``sum_i a_i = 1``, ``s`` the mean of the
+    ``||g_i||^2``, in closed form: ``a = K^-1 1 / (1^T K^-1 1)`` with ``K = G G^T + lam s I``.
+    ``G (B, n, D)``; returns ``(B, n)``."""
+    gram = G @ G.transpose(1, 2)
+    s = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
+    K = gram + lam * s.view(-1, 1, 1) * torch.eye(G.shape[1], dtype=G.dtype)
+    y = torch.linalg.solve(K, torch.ones(G.shape[:2], dtype=G.dtype))
+    return y / y.sum(dim=1, keepdim=True)
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.5])
 def test_anderson_matches_reference_mixing(beta, slow_linear):
     """F kept by reference in ring slots gives the textbook update
     z = sum_i a_i (beta f_i + (1 - beta) z_i) over the last m iterates."""
-    from deqlib.solvers import _anderson_weights
-
     f, x, _ = slow_linear
     m, z, hist, trace = 3, torch.zeros_like(x), [], []
     for _ in range(15):
@@ -241,7 +250,7 @@ def test_anderson_matches_reference_mixing(beta, slow_linear):
         trace.append((fz - z).norm(dim=1))
         hist = (hist + [(z, fz)])[-m:]
         G = torch.stack([fi - zi for zi, fi in hist], 1)
-        a = _anderson_weights(G @ G.transpose(1, 2), 1e-4, len(hist) - 1)
+        a = _reference_anderson_weights(G, 1e-4)
         z = sum(a[:, i : i + 1] * (beta * fi + (1 - beta) * zi) for i, (zi, fi) in enumerate(hist))
     res = solve(f, torch.zeros_like(x), method="anderson", m=m, beta=beta, max_iter=15, tol=1e-30)
     torch.testing.assert_close(res.abs_trace, torch.stack(trace), rtol=1e-7, atol=1e-12)
@@ -253,3 +262,21 @@ def test_damped_iteration_reaches_known_fixed_point(method, contractive_linear):
     res = solve(f, torch.zeros_like(x), method=method, beta=0.5, max_iter=300, tol=1e-10)
     assert res.status == "converged", res.reason
     torch.testing.assert_close(res.z, exact, rtol=1e-8, atol=1e-8)
+
+
+def test_anderson_system_falls_back_to_plain_step_per_sample():
+    """A non-finite Gram entry (LAPACK reports no error for NaN) or a singular system gives that
+    sample weight 1 on the newest slot; the other samples keep their least-squares weights."""
+    from deqlib.solvers import _AndersonSystem
+
+    torch.manual_seed(0)
+    G = torch.randn(3, 3, 5, dtype=torch.float64)
+    G[2, 1] = G[2, 0]  # sample 2: two equal residuals, singular without the regularizer
+    system = _AndersonSystem(3, 3, 0.0, torch.device("cpu"))
+    for i in range(3):
+        system.set_row(i, (G[:, : i + 1] @ G[:, i].unsqueeze(2)).squeeze(2))
+    system.P[1, 2, 2] = float("nan")
+    a = system.weights(3, newest=2)
+    torch.testing.assert_close(a[0], _reference_anderson_weights(G[:1], 0.0)[0])
+    for b in (1, 2):
+        torch.testing.assert_close(a[b], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
