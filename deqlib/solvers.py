@@ -110,14 +110,16 @@ class _Tracker:
         else:
             improved = crit < self.best_crit  # NaN compares False: never "best"
             self.best_crit = torch.fmin(crit, self.best_crit)
-        # Per sample: improved, not improved, finite, below tol, within the divergence limit;
-        # all() over samples then gives every decision (any(x) = not all(not x)) in one transfer.
-        flags = torch.stack([improved, ~improved, crit < math.inf, self.best_crit < self.tol,
-                             abs_res <= self.limit]).all(dim=1)
-        all_improved, none_improved, all_finite, all_below, none_grew = flags.tolist()
-        if all_improved or self.best_z is None:  # the common case: no copy, just keep references
+        # Per sample: improved, finite, below tol, within the divergence limit. Counting them
+        # over samples gives every decision (all: count B, any: count > 0) in one transfer.
+        counts = torch.stack([improved, crit < math.inf, self.best_crit < self.tol,
+                              abs_res <= self.limit]).sum(dim=1).tolist()
+        B = crit.shape[0]
+        n_improved = counts[0]
+        all_finite, all_below, none_grew = (c == B for c in counts[1:])
+        if n_improved == B or self.best_z is None:  # the common case: no copy, just keep references
             self.best_z, self.best_fz = z, fz
-        elif not none_improved:
+        elif n_improved > 0:
             keep = improved.unsqueeze(1)
             self.best_z = torch.where(keep, z, self.best_z)
             self.best_fz = torch.where(keep, fz, self.best_fz)
