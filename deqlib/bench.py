@@ -19,7 +19,8 @@ penalty and of the explicit weight-tied stack (see :func:`bench_transformer`).
 whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
 Prints time to tolerance, NFE, the overhead ratio ``solve time / (NFE x median f time)`` (the
 median over ``repeats`` solves, each against f timed just before it), the
-solver's own time per f call (solve time minus the time spent inside f, over NFE) and the
+solver's own time per f call (solve time minus the time spent inside f, over NFE), its torch
+operations per f call (views not counted; on a GPU, its kernel launches), and the
 solver's extra memory (peak live bytes of the solve minus those of one f call) at two
 ``max_iter`` values.
 
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import parse_override
-from .measure import PeakMemory, median_time, steady_malloc
+from .measure import OpCounter, PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
 
 __all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers", "bench_mdeq",
@@ -148,6 +149,18 @@ def _own_time_per_iter(f: ConvMap, z0: Tensor, method: str, max_iter: int, tol: 
     return (time.perf_counter() - t0 - inside[0]) / res.nfe
 
 
+def _ops_per_iter(f: ConvMap, z0: Tensor, method: str, max_iter: int, tol: float) -> float:
+    """Torch operations per f call that one solve runs outside f (views not counted): on a
+    GPU, where a small solve is bound by launches, the solver's kernels per iteration."""
+    with OpCounter() as counter:
+        def counted_f(z: Tensor) -> Tensor:
+            with counter.paused():
+                return f(z)
+
+        res = solve(counted_f, z0, method=method, max_iter=max_iter, tol=tol)
+    return counter.count / res.nfe
+
+
 @torch.no_grad()
 def bench_solvers(
     batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 5,
@@ -175,6 +188,7 @@ def bench_solvers(
             ratios.append(times[-1] / (res.nfe * f_now))
         t, overhead = sorted(times)[repeats // 2], sorted(ratios)[repeats // 2]
         own = _own_time_per_iter(f, z0, method, max_iters[0], tol)
+        ops = _ops_per_iter(f, z0, method, max_iters[0], tol)
         mem = {}
         for mi in max_iters:
             with PeakMemory() as pm:
@@ -188,6 +202,7 @@ def bench_solvers(
             "time_s": t,
             "overhead": overhead,
             "own_ms_per_iter": own * 1e3,
+            "ops_per_iter": ops,
             **{f"extra_mem_mb_max_iter_{mi}": mem[mi] / 2**20 for mi in max_iters},
             **{f"extra_mem_states_max_iter_{mi}": mem[mi] / state_bytes for mi in max_iters},
         })
@@ -207,12 +222,13 @@ def _print_solvers(report: dict) -> None:
           f"one state {p['state_mb']:.1f} MB; {report['device']}, torch {report['torch']}")
     mis = [k.rsplit("_", 1)[1] for k in report["rows"][0] if k.startswith("extra_mem_mb_")]
     head = f"{'method':<12}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}"
-    head += f"{'own ms/it':>11}"
+    head += f"{'own ms/it':>11}{'ops/it':>8}"
     head += "".join(f"{'mem MB @' + m:>14}" for m in mis)
     print(head)
     for r in report["rows"]:
         line = (f"{r['method']:<12}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
-                f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}{r['own_ms_per_iter']:>11.1f}")
+                f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}{r['own_ms_per_iter']:>11.1f}"
+                f"{r['ops_per_iter']:>8.1f}")
         line += "".join(f"{r['extra_mem_mb_max_iter_' + m]:>14.1f}" for m in mis)
         print(line)
 

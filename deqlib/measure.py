@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["PeakMemory", "saved_tensor_bytes", "median_time", "steady_malloc"]
+__all__ = ["PeakMemory", "OpCounter", "saved_tensor_bytes", "median_time", "steady_malloc"]
 
 
 class PeakMemory(TorchDispatchMode):
@@ -64,6 +64,44 @@ class PeakMemory(TorchDispatchMode):
             entry[0] += 1
             weakref.finalize(t, self._release, key)
         return out
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as oc: ...`` then ``oc.count`` is the number of torch operations run
+    inside that compute something: views (which launch nothing on a GPU) are not counted.
+
+    On a GPU at DEQ sizes the cost of a solver's own work is the number of kernels it launches,
+    so this count, the same on any device, predicts it. ``with oc.paused(): ...`` leaves a
+    stretch out (f, when counting a solver's own operations).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._paused = 0
+
+    def paused(self) -> "_Pause":
+        return _Pause(self)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._paused and not func.is_view and func.overloadpacket.__name__ not in _NO_WORK:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Operations that only reinterpret a tensor's metadata without being marked as views.
+_NO_WORK = frozenset({"detach", "alias", "lift_fresh"})
+
+
+class _Pause:
+    def __init__(self, counter: OpCounter) -> None:
+        self.counter = counter
+
+    def __enter__(self) -> None:
+        self.counter._paused += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.counter._paused -= 1
 
 
 def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:

@@ -19,6 +19,24 @@ def test_bench_solvers_reports_every_method_and_memory_flat_in_max_iter():
     assert rows["anderson"]["extra_mem_states_max_iter_60"] > rows["fixed_point"]["extra_mem_states_max_iter_60"]
     assert rows["broyden"]["extra_mem_states_max_iter_60"] > rows["anderson"]["extra_mem_states_max_iter_60"]
     assert report["device"].startswith("CPU")
+    # operations outside f: plain iteration does only the bookkeeping every method shares
+    assert 0 < rows["fixed_point"]["ops_per_iter"] < rows["anderson"]["ops_per_iter"]
+    assert rows["fixed_point"]["ops_per_iter"] < rows["broyden"]["ops_per_iter"]
+
+
+def test_op_counter_counts_computing_operations_only():
+    from deqlib.measure import OpCounter
+
+    x = torch.randn(4, 5)
+    with OpCounter() as counter:
+        y = x.view(20).unsqueeze(0)[:, 2:]  # views: nothing computed
+        z = (y * 2).sum()  # 2
+        with counter.paused():
+            x + 1  # left out
+        torch.stack([z, z])  # 1
+        assert counter.count == 3
+    x.sum()  # after the block
+    assert counter.count == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA device")
