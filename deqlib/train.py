@@ -10,6 +10,12 @@ Determinism and exact resume: every random draw of step ``t`` (data order, dropo
 Bernoulli draw of the penalty and its probes) comes from generators seeded by ``(seed, t)``
 or ``(seed, epoch)``, so a run resumed from a checkpoint at step ``k`` is bit-for-bit the
 uninterrupted run on CPU.
+
+Per-process state: what a module keeps between steps through ``get_extra_state`` (the
+DEQ-Transformer's segment memory) differs between processes, and the model checkpoint is
+written by the main process alone. With more than one process, each also writes its own
+``checkpoint.rank<r>.pt`` beside it, and on resume loads it when it is of the same step and
+world size (else it warns, and the model's own checks start that state afresh).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from torch import Tensor, nn
 from .deq import DEQStats, SolverSettings
 from .jacobian import JacobianPenalty
 
-__all__ = ["TrainConfig", "StepOutput", "TensorBatches", "train", "TrainResult", "atomic_save", "evaluate"]
+__all__ = ["TrainConfig", "StepOutput", "TensorBatches", "train", "TrainResult", "atomic_save", "evaluate",
+           "make_accelerator"]
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -156,6 +163,46 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """The ``accelerate.Accelerator`` that :func:`train` uses by default: the GPU when there is
+    one, ``cfg.mixed_precision``, and as many processes as the launcher (``accelerate launch``,
+    ``torchrun``) started.
+
+    DistributedDataParallel is told that some parameters may go unused in a step: the adaptive
+    softmax computes a tail cluster only for batches with a target in it, and without this the
+    first step after one that missed a cluster stops every process with an error.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _extra_states(model: nn.Module) -> dict[str, Any]:
+    """``{module name: get_extra_state()}`` for every module that defines it."""
+    return {name: m.get_extra_state() for name, m in model.named_modules()
+            if type(m).get_extra_state is not nn.Module.get_extra_state}
+
+
+def _rank_path(ckpt_path: Path, rank: int) -> Path:
+    return ckpt_path.with_name(f"{ckpt_path.stem}.rank{rank}{ckpt_path.suffix}")
+
+
+def _load_rank_state(model: nn.Module, path: Path, step: int, world: int) -> None:
+    """Give each module its own process's extra state from ``path``, if it matches the run."""
+    import warnings
+
+    state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    if state is None or state["step"] != step or state["world"] != world:
+        found = "none" if state is None else f"step {state['step']} of a {state['world']}-process run"
+        warnings.warn(f"no per-process state for step {step} of this {world}-process run at {path} "
+                      f"(found {found}); this process resumes with the main process's")
+        return
+    modules = dict(model.named_modules())
+    for name, extra in state["extra"].items():
+        modules[name].set_extra_state(extra)
+
+
 @dataclass
 class TrainResult:
     records: list[dict[str, float]]
@@ -189,14 +236,12 @@ def train(
         run_dir: where checkpoints go (None: no checkpoints).
         stop_after: stop (after checkpointing) once this many steps are done, as if killed;
             used to test exact resume.
-        accelerator: an ``accelerate.Accelerator``; one is made from ``cfg`` if None.
+        accelerator: an ``accelerate.Accelerator``; :func:`make_accelerator` makes one if None.
     Returns:
         The per-step records (of the whole run, resumed part included).
     """
-    from accelerate import Accelerator
-
     if accelerator is None:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        accelerator = make_accelerator(cfg)
     total = cfg.epochs * data.steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -208,6 +253,9 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
+        if accelerator.num_processes > 1:
+            _load_rank_state(model, _rank_path(ckpt_path, accelerator.process_index), start,
+                             accelerator.num_processes)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     bar = None
     if progress and accelerator.is_main_process:
@@ -260,13 +308,18 @@ def train(
         }
         records.append(rec)
         done = step + 1
-        if ckpt_path is not None and accelerator.is_main_process and (
+        if ckpt_path is not None and (
             (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total
             or done == stop_after
         ):
-            atomic_save({"model": accelerator.unwrap_model(wrapped).state_dict(),
-                         "optimizer": optimizer.state_dict(), "step": done, "records": records},
-                        ckpt_path)
+            unwrapped = accelerator.unwrap_model(wrapped)
+            if accelerator.num_processes > 1:
+                atomic_save({"step": done, "world": accelerator.num_processes,
+                             "extra": _extra_states(unwrapped)},
+                            _rank_path(ckpt_path, accelerator.process_index))
+            if accelerator.is_main_process:
+                atomic_save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                             "step": done, "records": records}, ckpt_path)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3g}", nfe=f"{rec['fwd_nfe']:.0f}/{rec['bwd_nfe']:.0f}",

@@ -10,16 +10,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "scripts" / "distributed_worker.py"
+LM_WORKER = ROOT / "tests" / "scripts" / "distributed_lm_resume_worker.py"
 
 
-def test_two_processes_keep_identical_parameters_and_count_the_test_set_once(tmp_path):
+def _torchrun(worker: Path, out: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), str(tmp_path)],
+         str(worker), str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_processes_keep_identical_parameters_and_count_the_test_set_once(tmp_path):
+    _torchrun(WORKER, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     assert all(r["steps"] == 6 for r in ranks)  # 48 examples, batch 16, 2 epochs
@@ -33,3 +38,18 @@ def test_two_processes_keep_identical_parameters_and_count_the_test_set_once(tmp
         assert r["metrics"]["n"] == n
     # the same gathered figures on both ranks (compared as text: NaN is a value here)
     assert json.dumps(ranks[0]["metrics"], sort_keys=True) == json.dumps(ranks[1]["metrics"], sort_keys=True)
+
+
+def test_two_process_lm_resumes_each_process_memory_bit_for_bit(tmp_path):
+    """The segment memory differs per process; a run stopped and resumed must give each
+    process its own back, so that it matches the run without a break on every rank."""
+    _torchrun(LM_WORKER, tmp_path)
+    ranks = [json.loads((tmp_path / f"lm_rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["resumed_from"] == 7 and r["steps"] == 19
+        assert r["warnings"] == [], r["warnings"]  # no memory lost or mismatched
+        assert r["mem_len_resumed"][0] == 3.0  # the first step after the break had its memory
+        assert r["loss_resumed"] == r["loss_full"], r["rank"]
+        assert r["params_equal"] and r["memory_equal"], r["rank"]
+    assert ranks[0]["loss_full"] != ranks[1]["loss_full"]  # the ranks really saw different data
+    assert (tmp_path / "b" / "checkpoint.rank1.pt").exists()

@@ -86,3 +86,32 @@ def test_lr_schedule():
     assert abs(lr_factor(10, 100, 10, "cosine") - 1.0) < 1e-12
     assert abs(lr_factor(55, 100, 10, "cosine") - 0.5) < 1e-12
     assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_per_process_state_is_loaded_only_for_its_own_step_and_world(tmp_path):
+    """A process's own file (the LM's segment memory) from another step or world size is not
+    used: the run warns and keeps the state of the main checkpoint."""
+    import pytest
+
+    from deqlib.train import _load_rank_state, atomic_save
+
+    class Holder(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.inner = torch.nn.Module()
+            self.inner.get_extra_state = lambda: {"v": self.value}
+            self.inner.set_extra_state = lambda s: setattr(self, "value", s["v"])
+            self.value = value
+
+    path = tmp_path / "checkpoint.rank1.pt"
+    atomic_save({"step": 5, "world": 2, "extra": {"inner": {"v": 7}}}, path)
+    for step, world in ((6, 2), (5, 4)):
+        holder = Holder(1)
+        with pytest.warns(UserWarning, match=f"step {step} of this {world}-process run"):
+            _load_rank_state(holder, path, step, world)
+        assert holder.value == 1
+    holder = Holder(1)
+    _load_rank_state(holder, path, 5, 2)
+    assert holder.value == 7
+    with pytest.warns(UserWarning, match="found none"):
+        _load_rank_state(holder, tmp_path / "missing.pt", 5, 2)
