@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +191,6 @@ def _rank_path(ckpt_path: Path, rank: int) -> Path:
 
 def _load_rank_state(model: nn.Module, path: Path, step: int, world: int) -> None:
     """Give each module its own process's extra state from ``path``, if it matches the run."""
-    import warnings
-
     state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
     if state is None or state["step"] != step or state["world"] != world:
         found = "none" if state is None else f"step {state['step']} of a {state['world']}-process run"
