@@ -180,9 +180,9 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
 
 def _extra_states(model: nn.Module) -> dict[str, Any]:
-    """``{module name: get_extra_state()}`` for every module that defines it."""
-    return {name: m.get_extra_state() for name, m in model.named_modules()
-            if type(m).get_extra_state is not nn.Module.get_extra_state}
+    """The ``..._extra_state`` entries of ``model.state_dict()`` (what modules keep through
+    ``get_extra_state``)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
 
 
 def _rank_path(ckpt_path: Path, rank: int) -> Path:
@@ -197,9 +197,7 @@ def _load_rank_state(model: nn.Module, path: Path, step: int, world: int) -> Non
         warnings.warn(f"no per-process state for step {step} of this {world}-process run at {path} "
                       f"(found {found}); this process resumes with the main process's")
         return
-    modules = dict(model.named_modules())
-    for name, extra in state["extra"].items():
-        modules[name].set_extra_state(extra)
+    model.load_state_dict(state["extra"], strict=False)  # only these keys: set_extra_state
 
 
 @dataclass

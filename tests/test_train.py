@@ -95,16 +95,28 @@ def test_per_process_state_is_loaded_only_for_its_own_step_and_world(tmp_path):
 
     from deqlib.train import _load_rank_state, atomic_save
 
+    class Inner(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def get_extra_state(self):
+            return {"v": self.value}
+
+        def set_extra_state(self, state):
+            self.value = state["v"]
+
     class Holder(torch.nn.Module):
         def __init__(self, value):
             super().__init__()
-            self.inner = torch.nn.Module()
-            self.inner.get_extra_state = lambda: {"v": self.value}
-            self.inner.set_extra_state = lambda s: setattr(self, "value", s["v"])
-            self.value = value
+            self.inner = Inner(value)
+
+        @property
+        def value(self):
+            return self.inner.value
 
     path = tmp_path / "checkpoint.rank1.pt"
-    atomic_save({"step": 5, "world": 2, "extra": {"inner": {"v": 7}}}, path)
+    atomic_save({"step": 5, "world": 2, "extra": {"inner._extra_state": {"v": 7}}}, path)
     for step, world in ((6, 2), (5, 4)):
         holder = Holder(1)
         with pytest.warns(UserWarning, match=f"step {step} of this {world}-process run"):
