@@ -184,11 +184,23 @@ def _dots(H: Tensor, v: Tensor) -> Tensor:
 
 
 def _combine(c: Tensor, H: Tensor, add: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-    """``add + alpha * sum_i c_i H_i`` per sample: ``(B, D)``."""
+    """``add + alpha * sum_i c_i H_i`` per sample: ``(B, D)``. ``c`` must be contiguous (see
+    :func:`_weights_like`)."""
     if add is None:
         out = torch.bmm(c.unsqueeze(1), H).squeeze(1)
         return out if alpha == 1.0 else out.mul_(alpha)  # skip a whole pass for alpha 1
     return torch.baddbmm(add.unsqueeze(1), c.unsqueeze(1), H, alpha=alpha).squeeze(1)
+
+
+def _weights_like(c: Tensor, z: Tensor) -> Tensor:
+    """Small float64 weights ``c (B, n)`` in ``z``'s dtype, contiguous, in one operation.
+
+    Why contiguous: LAPACK's solution comes back column-major, and on CPU ``bmm`` with
+    non-contiguous weights falls back to a per-sample loop; Anderson's mixing step at MDEQ size
+    (batch 32, m 5, 64 x 32 x 32) took 2.7 ms that way against 1.3 ms, the same time as a pass
+    over the history, with bitwise the same result.
+    """
+    return c.to(z.dtype, memory_format=torch.contiguous_format)
 
 
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
@@ -268,7 +280,7 @@ def _anderson(f: FlatMap, z: Tensor, tracker: _Tracker, opts: AndersonOptions, e
         F[:, s] = fz
         # Only the newest residual changed: update one row and column of the Gram matrix.
         system.set_row(s, _dots(G[:, :n], g).double())
-        alpha = system.weights(n, s).to(z.dtype)  # (B, n)
+        alpha = _weights_like(system.weights(n, s), z)  # (B, n)
         z = _combine(alpha, F[:, :n])
         if opts.beta != 1.0:  # z = sum a_i (beta f_i + (1-beta) z_i) = sum a_i (f_i - (1-beta) g_i)
             z = _combine(alpha, G[:, :n], add=z, alpha=-(1.0 - opts.beta))
@@ -368,7 +380,7 @@ def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions, emp
     one = torch.ones(B, 1, **f64)
     zero = torch.zeros((), **f64)
     while True:
-        z = _combine(e[:, :n].to(z.dtype), W[:, :n], add=z)  # z + dx
+        z = _combine(_weights_like(e[:, :n], z), W[:, :n], add=z)  # z + dx
         fz = f(z)
         g = torch.sub(fz, z, out=W[:, n])  # the new residual is the next basis row
         if tracker.record(z, fz, g):
@@ -399,8 +411,8 @@ def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions, emp
             n, k = n + 1, k + 1
         else:  # memory full: restart from -I plus this update (overwriting the oldest was unstable)
             # Fresh basis [y, v, g]: u = y / d, v, and the step g - u (v . g).
-            y = _combine(ey.to(z.dtype), W[:, : n + 1])
-            v = _combine(ev.to(z.dtype), W[:, :n])
+            y = _combine(_weights_like(ey, z), W[:, : n + 1])
+            v = _combine(_weights_like(ev, z), W[:, :n])
             W[:, 2].copy_(g)  # g is row n >= 2
             W[:, 0].copy_(y)
             W[:, 1].copy_(v)

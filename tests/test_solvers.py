@@ -280,3 +280,19 @@ def test_anderson_system_falls_back_to_plain_step_per_sample():
     torch.testing.assert_close(a[0], _reference_anderson_weights(G[:1], 0.0)[0])
     for b in (1, 2):
         torch.testing.assert_close(a[b], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixing_weights_are_made_contiguous_in_the_state_dtype(dtype):
+    """LAPACK hands back column-major solutions; the weights that reach ``bmm`` must be
+    row-major (CPU ``bmm`` otherwise loops per sample, 2x slower at MDEQ size) and unchanged."""
+    from deqlib.solvers import _combine, _weights_like
+
+    torch.manual_seed(0)
+    col_major = torch.randn(5, 4, dtype=torch.float64).t()  # (B=4, n=5), stride (1, 4)
+    H = torch.randn(4, 5, 7, dtype=dtype)
+    c = _weights_like(col_major, H[:, 0])
+    assert c.dtype == dtype and c.is_contiguous()
+    torch.testing.assert_close(c, col_major.to(dtype), rtol=0, atol=0)
+    expected = torch.einsum("bn,bnd->bd", col_major.double(), H.double()).to(dtype)
+    torch.testing.assert_close(_combine(c, H), expected)
