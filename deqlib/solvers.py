@@ -200,6 +200,8 @@ def _weights_like(c: Tensor, z: Tensor) -> Tensor:
     (batch 32, m 5, 64 x 32 x 32) took 2.7 ms that way against 1.3 ms, the same time as a pass
     over the history, with bitwise the same result.
     """
+    if c.dtype == z.dtype:  # ``to`` would return ``c`` itself, layout and all
+        return c.contiguous()
     return c.to(z.dtype, memory_format=torch.contiguous_format)
 
 
