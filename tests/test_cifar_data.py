@@ -18,12 +18,14 @@ from deqlib.data.cifar import (
     random_crop_flip,
 )
 from deqlib.data.download import DownloadError
+from conftest import skip_without_slice
 
 ROOT = Path(__file__).resolve().parent.parent
 SLICE = "../shared/data/cifar-10-subset"  # as params.yaml says it, relative to the repository
 
 
 def test_reads_the_shared_slice_through_the_configured_root():
+    skip_without_slice(SLICE)
     data = load_cifar10(SLICE, base=ROOT, download_missing=False)
     assert data.train_x.shape == (5085, 3, 32, 32) and data.train_x.dtype == torch.uint8
     assert data.test_x.shape == (1017, 3, 32, 32)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import skip_without_slice
 from pipelines.run import NOTEBOOKS, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ def test_every_notebook_has_a_smoke_override():
 
 @pytest.mark.parametrize("experiment", sorted(NOTEBOOKS))
 def test_paper_profile_starts_and_trains_on_cpu(experiment, tmp_path):
+    skip_without_slice(PAPER_SMOKE[experiment].get("data.root", ""))
     nb = run(experiment, profile="paper", overrides=PAPER_SMOKE[experiment], out=tmp_path)
     assert nb == tmp_path / "notebook.ipynb" and nb.exists()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -78,12 +80,22 @@ def test_runner_rejects_a_bad_override(tmp_path):
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")))
 def test_committed_notebook_outputs_reproduce(notebook):
     """nbval re-runs the notebook and compares every output not marked NBVAL_IGNORE_OUTPUT."""
+    skip_without_slice(_small_data_root(notebook))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
          "--nbval-cell-timeout=1200", str(ROOT / "notebooks" / notebook)],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def _small_data_root(notebook: str) -> str:
+    """The data root of the notebook's experiment in the small profile ("" if it has none)."""
+    import yaml
+
+    experiment = next(e for e, src in NOTEBOOKS.items() if Path(src).stem == Path(notebook).stem)
+    small = yaml.safe_load((ROOT / "params.yaml").read_text())[experiment]["small"]
+    return small.get("data", {}).get("root", "")
 
 
 def test_every_source_is_paired():

@@ -10,8 +10,9 @@ import torch
 from deqlib.data.download import DownloadError
 from deqlib.data.wikitext import (EOS, LMStream, Vocabulary, WikiTextData, batchify, fetch_wikitext103,
                                   load_wikitext, read_lines)
+from conftest import ROOT, skip_without_slice
 
-SLICE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
+SLICE = "../shared/data/wikitext-2"  # as params.yaml says it, relative to the repository
 CORPUS = "b a b\n\nc a b\n"  # counts: b 3, a 2, c 1, <eos> 3 (the blank line included)
 
 
@@ -89,9 +90,9 @@ def test_config_rejects_bad_values():
         WikiTextData(train_file="", download=False)
 
 
-@pytest.mark.skipif(not SLICE.is_dir(), reason="the shared WikiText-2 slice is not here")
 def test_the_wikitext2_slice_loads_with_the_documented_counts():
-    cfg = WikiTextData(root=str(SLICE), folder="", train_file="valid.txt", eval_file="test.txt", download=False)
+    skip_without_slice(SLICE)
+    cfg = WikiTextData(root=str(ROOT / SLICE), folder="", train_file="valid.txt", eval_file="test.txt", download=False)
     data = load_wikitext(cfg)
     assert data["train"].numel() == 217_646 and data["eval"].numel() == 245_569  # incl. <eos>
     vocab = data["vocab"]
