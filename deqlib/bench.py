@@ -18,7 +18,7 @@ penalty and of the explicit weight-tied stack (see :func:`bench_transformer`).
 ``solvers``: each method on an MDEQ-sized conv map f(z) = GN(s * conv(relu(conv(z))) + x),
 whose contraction s is calibrated so that plain iteration needs 20-40 calls to reach ``tol``.
 Prints time to tolerance, NFE, the overhead ratio ``solve time / (NFE x median f time)`` (the
-median over ``repeats`` solves, each against f timed just before it), the
+median over ``repeats`` solves, each against f timed just before it, and their min-max), the
 solver's own time per f call (solve time minus the time spent inside f, over NFE), its torch
 operations per f call (views not counted; on a GPU, its kernel launches), and the
 solver's extra memory (peak live bytes of the solve minus those of one f call) at two
@@ -201,6 +201,7 @@ def bench_solvers(
             "max_rel_residual": float(res.rel_residual.max()),
             "time_s": t,
             "overhead": overhead,
+            "overhead_range": (min(ratios), max(ratios)),  # the spread over the repeats
             "own_ms_per_iter": own * 1e3,
             "ops_per_iter": ops,
             **{f"extra_mem_mb_max_iter_{mi}": mem[mi] / 2**20 for mi in max_iters},
@@ -221,13 +222,14 @@ def _print_solvers(report: dict) -> None:
           f"scale {p['scale']:.3f}, rel tol {p['tol']:g}; one f call {p['f_time_ms']:.1f} ms; "
           f"one state {p['state_mb']:.1f} MB; {report['device']}, torch {report['torch']}")
     mis = [k.rsplit("_", 1)[1] for k in report["rows"][0] if k.startswith("extra_mem_mb_")]
-    head = f"{'method':<12}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}"
+    head = f"{'method':<12}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}{'(min-max)':>12}"
     head += f"{'own ms/it':>11}{'ops/it':>8}"
     head += "".join(f"{'mem MB @' + m:>14}" for m in mis)
     print(head)
     for r in report["rows"]:
         line = (f"{r['method']:<12}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
-                f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}{r['own_ms_per_iter']:>11.1f}"
+                f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}"
+                f"{'%.3f-%.3f' % r['overhead_range']:>12}{r['own_ms_per_iter']:>11.1f}"
                 f"{r['ops_per_iter']:>8.1f}")
         line += "".join(f"{r['extra_mem_mb_max_iter_' + m]:>14.1f}" for m in mis)
         print(line)

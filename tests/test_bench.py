@@ -13,6 +13,7 @@ def test_bench_solvers_reports_every_method_and_memory_flat_in_max_iter():
     for r in rows.values():
         assert r["status"] == "converged" and r["max_rel_residual"] < 1e-3
         assert r["overhead"] > 0 and r["nfe"] >= 1
+        assert r["overhead_range"][0] <= r["overhead"] <= r["overhead_range"][1]
         # the issue #2 property: no storage that grows with max_iter
         assert r["extra_mem_mb_max_iter_60"] == r["extra_mem_mb_max_iter_300"]
     # the histories: Anderson keeps 2m = 10 states, Broyden window + 3 = 23 plus its basis rows
