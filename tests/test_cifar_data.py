@@ -18,9 +18,8 @@ from deqlib.data.cifar import (
     random_crop_flip,
 )
 from deqlib.data.download import DownloadError
-from conftest import skip_without_slice
+from conftest import ROOT, skip_without_slice
 
-ROOT = Path(__file__).resolve().parent.parent
 SLICE = "../shared/data/cifar-10-subset"  # as params.yaml says it, relative to the repository
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_without_slice
+from conftest import ROOT, skip_without_slice
+from deqlib.config import load_params
 from pipelines.run import NOTEBOOKS, run
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # A step limit and tiny data per experiment: enough to start, train and write every output.
 PAPER_SMOKE = {
@@ -91,10 +90,8 @@ def test_committed_notebook_outputs_reproduce(notebook):
 
 def _small_data_root(notebook: str) -> str:
     """The data root of the notebook's experiment in the small profile ("" if it has none)."""
-    import yaml
-
     experiment = next(e for e, src in NOTEBOOKS.items() if Path(src).stem == Path(notebook).stem)
-    small = yaml.safe_load((ROOT / "params.yaml").read_text())[experiment]["small"]
+    small = load_params(ROOT / "params.yaml")[experiment]["small"]
     return small.get("data", {}).get("root", "")
 
 
