@@ -34,6 +34,10 @@ def _dataclass_type(tp: Any) -> type | None:
     return None
 
 
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 def build(cls: type[T], data: dict | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a dict, recursing into dataclass-typed fields.
 
@@ -52,6 +56,9 @@ def build(cls: type[T], data: dict | None, where: str = "") -> T:
         path = f"{where}.{name}" if where else name
         if sub is not None and isinstance(value, dict):
             value = build(sub, value, path)
+        elif sub is not None and not (value is None and _allows_none(hints[name])):
+            # Caught here, not at the first use of the section deep inside a run.
+            raise ValueError(f"{path} must be a section (a mapping of keys to values), got {path}={value!r}")
         elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
             value = tuple(value)
         kwargs[name] = value
@@ -67,11 +74,13 @@ def to_dict(obj: Any) -> dict:
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 booleans: only ``true`` / ``false``.
+    """PyYAML's safe loader with YAML 1.2 booleans and floats.
 
-    ``dvc exp run -S`` rewrites ``params.yaml`` with a YAML 1.2 writer, which drops the quotes
-    of ``mixed_precision: "no"``; YAML 1.1 (PyYAML's default) then reads ``no`` (and ``yes``,
-    ``on``, ``off``) as a boolean. Reading with 1.2 booleans keeps them the strings they are.
+    ``dvc exp run -S`` rewrites ``params.yaml`` with a YAML 1.2 writer (ruamel), which drops
+    the quotes of ``mixed_precision: "no"`` and writes small floats as ``1e-05``. YAML 1.1
+    (PyYAML's default) reads ``no`` (and ``yes``, ``on``, ``off``) as a boolean and a float
+    without a dot (``1e-05``, ``1e-3``) or without a sign in its exponent (``1.0e5``) as a
+    string. Reading with 1.2's rules keeps them the strings and floats they are.
     """
 
 
@@ -81,6 +90,11 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 }
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.1's float needs a dot and a signed exponent; this adds every 1.2 float with an exponent.
+# Plain integers do not match it (an exponent is required), so ``3`` stays an int.
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:

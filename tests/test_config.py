@@ -26,6 +26,14 @@ def test_yaml_booleans_are_yaml_1_2():
         {"a": "no", "b": "off", "c": "yes", "d": True, "e": False, "f": 0.5}
 
 
+def test_yaml_floats_are_yaml_1_2_and_integers_stay_integers():
+    # YAML 1.1 (PyYAML's default) reads all but the last two as strings.
+    text = "a: 1e-05\nb: 1e-3\nc: 1.0e5\nd: -2E+3\ne: .5e-2\nf: 3\ng: 1_000\nh: 2.5\ni: 1e"
+    assert load_yaml(text) == {"a": 1e-5, "b": 1e-3, "c": 1e5, "d": -2000.0, "e": 5e-3, "f": 3, "g": 1000,
+                               "h": 2.5, "i": "1e"}
+    assert isinstance(load_yaml("f: 3")["f"], int)
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_params_read_the_same_after_dvc_rewrites_them(profile, tmp_path):
     """`dvc exp run -S profile=small` re-dumps params.yaml with ruamel (YAML 1.2), which drops
@@ -42,6 +50,13 @@ def test_params_read_the_same_after_dvc_rewrites_them(profile, tmp_path):
         before = load_experiment(cls, name, profile, params_path=ROOT / "params.yaml")
         after = load_experiment(cls, name, profile, params_path=rewritten)
         assert to_dict(after) == to_dict(before), name
+    # `-S cifar10.<profile>.train.backward.tol=1e-5`: ruamel writes it as 1e-05, no dot.
+    data["cifar10"][profile]["train"]["backward"]["tol"] = 1e-5
+    with open(rewritten, "w") as fh:
+        rt.dump(data, fh)
+    assert "tol: 1e-05" in rewritten.read_text()
+    cfg = load_experiment(CifarExperiment, "cifar10", profile, params_path=rewritten)
+    assert cfg.train.backward.tol == 1e-5
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
@@ -101,6 +116,10 @@ def test_wikitext_paper_profile_is_table4():
         ({"data": {"noise_var": -1}}, r"noise_var=-1"),
         ({"eval": {"gammas": [-1.0]}}, r"gammas"),
         ({"model": {"hidden": 0}}, r"hidden=0"),
+        # A section given as a plain value fails here, not at its first use inside a run.
+        ({"train": {"forward": "anderson"}}, r"x.train.forward must be a section.*'anderson'"),
+        ({"train": None}, r"x.train must be a section.*None"),
+        ({"model": 3}, r"x.model must be a section.*3"),
     ],
 )
 def test_bad_sections_are_rejected_naming_the_value(section, message):
