@@ -163,7 +163,7 @@ def _ops_per_iter(f: ConvMap, z0: Tensor, method: str, max_iter: int, tol: float
 
 @torch.no_grad()
 def bench_solvers(
-    batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 5,
+    batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 9,
     max_iters: tuple[int, int] = (30, 300), seed: int = 0, device: str | None = None,
 ) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -175,18 +175,23 @@ def bench_solvers(
         f(z1)
     f_peak = pm.peak
     state_bytes = z0.numel() * z0.element_size()
-    rows = []
-    for method in sorted(METHODS):
-        res = solve(f, z0, method=method, max_iter=max_iters[0], tol=tol)
-        # Each solve is paired with a timing of f just before it, and the ratio is taken per
-        # pair: on a shared CPU the speed of f drifts by several percent between minutes.
-        times, ratios = [], []
-        for _ in range(repeats):
+    methods = sorted(METHODS)
+    first = {mth: solve(f, z0, method=mth, max_iter=max_iters[0], tol=tol) for mth in methods}
+    # Each solve is paired with a timing of f just before it, and the ratio is taken per pair:
+    # on a shared CPU the speed of f drifts by several percent between minutes. The methods
+    # take turns within each repeat, so a slow minute falls on all of them alike.
+    times: dict[str, list[float]] = {mth: [] for mth in methods}
+    ratios: dict[str, list[float]] = {mth: [] for mth in methods}
+    for _ in range(repeats):
+        for method in methods:
             f_now = median_time(lambda: f(z1), repeats=5, warmup=0)
-            times.append(median_time(lambda: solve(f, z0, method=method, max_iter=max_iters[0], tol=tol),
-                                     repeats=1, warmup=0))
-            ratios.append(times[-1] / (res.nfe * f_now))
-        t, overhead = sorted(times)[repeats // 2], sorted(ratios)[repeats // 2]
+            times[method].append(median_time(
+                lambda: solve(f, z0, method=method, max_iter=max_iters[0], tol=tol), repeats=1, warmup=0))
+            ratios[method].append(times[method][-1] / (first[method].nfe * f_now))
+    rows = []
+    for method in methods:
+        res = first[method]
+        t, overhead = sorted(times[method])[repeats // 2], sorted(ratios[method])[repeats // 2]
         own = _own_time_per_iter(f, z0, method, max_iters[0], tol)
         ops = _ops_per_iter(f, z0, method, max_iters[0], tol)
         mem = {}
@@ -201,7 +206,7 @@ def bench_solvers(
             "max_rel_residual": float(res.rel_residual.max()),
             "time_s": t,
             "overhead": overhead,
-            "overhead_range": (min(ratios), max(ratios)),  # the spread over the repeats
+            "overhead_range": (min(ratios[method]), max(ratios[method])),  # the spread over the repeats
             "own_ms_per_iter": own * 1e3,
             "ops_per_iter": ops,
             **{f"extra_mem_mb_max_iter_{mi}": mem[mi] / 2**20 for mi in max_iters},
@@ -466,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--channels", type=int, default=64)
     s.add_argument("--size", type=int, default=32)
     s.add_argument("--tol", type=float, default=1e-3)
-    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--repeats", type=int, default=9)
     s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     s.add_argument("--json", help="also write the figures to this JSON file")
     m = sub.add_parser("mdeq", help="step time and peak memory of the CIFAR-10 MDEQ, without and with JR")
