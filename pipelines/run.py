@@ -11,12 +11,15 @@ curves and figures the notebook writes there. The paired ``.ipynb`` is never wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from deqlib.config import load_params, parse_override
+from deqlib.data.download import DATA_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
@@ -25,6 +28,22 @@ NOTEBOOKS = {
     "solvers": "07_solvers.py",
     "wikitext": "02_wikitext.py",
 }
+
+
+@contextlib.contextmanager
+def absolute_data_env() -> Iterator[None]:
+    """``$DEQLIB_DATA`` made absolute (against the caller's working directory) while the block
+    runs, then restored. The kernel runs in ``notebooks/``: a relative value would otherwise
+    name a folder there, and a paper profile would download its data set into it."""
+    value = os.environ.get(DATA_ENV, "")
+    if not value or Path(value).expanduser().is_absolute():
+        yield
+        return
+    os.environ[DATA_ENV] = str(Path(value).expanduser().resolve())
+    try:
+        yield
+    finally:
+        os.environ[DATA_ENV] = value
 
 
 def run(experiment: str, profile: str | None = None, overrides: dict | None = None,
@@ -46,13 +65,14 @@ def run(experiment: str, profile: str | None = None, overrides: dict | None = No
         src_ipynb = Path(tmp) / "input.ipynb"
         jupytext.write(nb, src_ipynb, fmt="ipynb")
         partial = out / ".notebook.partial.ipynb"
-        papermill.execute_notebook(
-            str(src_ipynb), str(partial),
-            parameters={"profile": profile, "overrides": dict(overrides or {}),
-                        "output_dir": str(out), "params_path": str(params_path)},
-            kernel_name="python3", language="python", cwd=str(source.parent),
-            progress_bar=False, log_output=True,
-        )
+        with absolute_data_env():  # the kernel inherits this process's environment
+            papermill.execute_notebook(
+                str(src_ipynb), str(partial),
+                parameters={"profile": profile, "overrides": dict(overrides or {}),
+                            "output_dir": str(out), "params_path": str(params_path)},
+                kernel_name="python3", language="python", cwd=str(source.parent),
+                progress_bar=False, log_output=True,
+            )
     final = out / "notebook.ipynb"
     os.replace(partial, final)  # a failed run leaves no executed notebook behind
     return final

@@ -2,6 +2,7 @@
 profile starting and training a few steps on a CPU with tiny data."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 
 from conftest import ROOT, skip_without_slice
 from deqlib.config import load_params
-from pipelines.run import NOTEBOOKS, run
+from deqlib.data import DATA_ENV
+from pipelines.run import NOTEBOOKS, absolute_data_env, run
 
 # A step limit and tiny data per experiment: enough to start, train and write every output.
 PAPER_SMOKE = {
@@ -68,6 +70,22 @@ def _declared_outputs(experiment: str) -> list[str]:
     prefix = f"outputs/{experiment}/"
     assert paths and all(p.startswith(prefix) for p in paths), paths
     return [p[len(prefix):] for p in paths]
+
+
+def test_a_relative_data_root_is_made_absolute_for_the_kernel(tmp_path, monkeypatch):
+    """The kernel runs in notebooks/: a relative $DEQLIB_DATA must keep naming the folder it
+    names where the command was typed, and be restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DATA_ENV, "mydata")
+    with absolute_data_env():
+        assert os.environ[DATA_ENV] == str(tmp_path / "mydata")
+    assert os.environ[DATA_ENV] == "mydata"
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "abs"))
+    with absolute_data_env():
+        assert os.environ[DATA_ENV] == str(tmp_path / "abs")
+    monkeypatch.delenv(DATA_ENV)
+    with absolute_data_env():
+        assert DATA_ENV not in os.environ
 
 
 def test_runner_rejects_a_bad_override(tmp_path):
