@@ -87,6 +87,12 @@ def test_config_rejects_bad_values():
         WikiTextData(folder="wikitext-2", download=True)
     with pytest.raises(ValueError, match="train_file"):
         WikiTextData(train_file="", download=False)
+    # A misspelt file name fails here, before the archive is fetched, not after.
+    with pytest.raises(ValueError, match="train_file='wiki.trian.tokens'"):
+        WikiTextData(train_file="wiki.trian.tokens", download=True)
+    with pytest.raises(ValueError, match="eval_file='test.txt'"):
+        WikiTextData(eval_file="test.txt", download=True)
+    WikiTextData(train_file="any.txt", eval_file="other.txt", folder="", download=False)  # local files: any name
 
 
 def test_the_wikitext2_slice_loads_with_the_documented_counts():

@@ -40,6 +40,7 @@ __all__ = [
     "fetch_wikitext103",
     "WT103_URLS",
     "WT103_MD5",
+    "WT103_FILES",
 ]
 
 EOS = "<eos>"
@@ -55,6 +56,7 @@ WT103_URLS = (
     "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
 )
 WT103_MD5 = "9ddaacaf6af0710eda8c456decff7832"
+WT103_FILES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")  # in the archive's folder
 WT103_FOLDER = "wikitext-103"
 # Some hosts refuse urllib's default agent; say who is asking.
 _HEADERS = {"User-Agent": "deqlib/0.1 (research reproduction; python-urllib)"}
@@ -181,6 +183,11 @@ class WikiTextData:
         if self.download and self.folder != WT103_FOLDER:
             raise ValueError(f"download=True fetches WikiText-103, whose folder is {WT103_FOLDER!r}; "
                              f"got folder={self.folder!r}")
+        if self.download:  # checked before a 180 MB download, not after it
+            for name in ("train_file", "eval_file"):
+                if getattr(self, name) not in WT103_FILES:
+                    raise ValueError(f"download=True fetches WikiText-103, whose files are "
+                                     f"{list(WT103_FILES)}; got {name}={getattr(self, name)!r}")
 
 
 def fetch_wikitext103(root: str | os.PathLike, urls: Sequence[str] = WT103_URLS,
