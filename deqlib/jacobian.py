@@ -16,8 +16,17 @@ from torch import Tensor
 __all__ = ["frobenius_sq_per_dim", "spectral_radius", "JacobianPenalty"]
 
 
+def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal draws of ``like``'s dtype on its device, taken from ``generator`` on the
+    generator's own device: the training loop seeds CPU generators (the same draws on every
+    device and process), and ``torch.randn`` refuses a CPU generator for CUDA output."""
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
 def _probes(z: Tensor, n: int, generator: torch.Generator | None) -> list[Tensor]:
-    return [torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) for _ in range(n)]
+    return [_randn(z.shape, z, generator) for _ in range(n)]
 
 
 def frobenius_sq_per_dim(
@@ -81,7 +90,7 @@ def spectral_radius(
         cols = [torch.autograd.grad(fz, z, V[:, :, i], retain_graph=True)[0] for i in range(k)]
         return torch.stack(cols, dim=2)
 
-    V = torch.randn(B, D, k, generator=generator, device=z.device, dtype=z.dtype)
+    V = _randn((B, D, k), z, generator)
     V, _ = torch.linalg.qr(V)
     for _ in range(int(n_iter)):
         V, _ = torch.linalg.qr(jt(V))

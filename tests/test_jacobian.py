@@ -125,3 +125,19 @@ def test_bad_estimator_arguments():
         frobenius_sq_per_dim(z, fz, 0)
     with pytest.raises(ValueError, match="n_iter"):
         spectral_radius(z, fz, n_iter=0)
+
+
+def test_probes_come_from_the_given_generator_whatever_the_device_of_the_states():
+    """The training loop seeds CPU generators; states may live elsewhere (CUDA, where
+    ``torch.randn(..., generator=cpu, device=cuda)`` raises). Here the states are on the meta
+    device: the draws must still be taken from the CPU generator and land on the states' device."""
+    W = torch.randn(6, 6)
+    z = torch.zeros(3, 6, device="meta", requires_grad=True)
+    fz = torch.tanh(z @ W.to("meta"))
+    for estimate in (lambda g: frobenius_sq_per_dim(z, fz, 2, generator=g),
+                     lambda g: spectral_radius(z, fz, n_iter=1, generator=g)):
+        g = torch.Generator().manual_seed(0)
+        before = g.get_state().clone()
+        out = estimate(g)
+        assert out.device.type == "meta" and out.shape == (3,)
+        assert not torch.equal(g.get_state(), before), "the generator was not drawn from"
