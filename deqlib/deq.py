@@ -119,12 +119,15 @@ class _ImplicitGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f_star: Tensor, z_star: Tensor, settings: SolverSettings, stats: DEQStats):
-        ctx.f_star, ctx.z_star, ctx.settings, ctx.stats = f_star, z_star, settings, stats
+        # Saved, not kept as attributes: autograd frees them with the graph, and keeps them when
+        # the backward is asked to retain it (a second backward over the same graph).
+        ctx.save_for_backward(f_star, z_star)
+        ctx.settings, ctx.stats = settings, stats
         return f_star.detach().clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        f_star, z_star = ctx.f_star, ctx.z_star
+        f_star, z_star = ctx.saved_tensors
 
         def step(u: Tensor) -> Tensor:  # u -> u J + g
             (uj,) = torch.autograd.grad(f_star, z_star, u, retain_graph=True, allow_unused=True)
@@ -133,7 +136,6 @@ class _ImplicitGrad(torch.autograd.Function):
         # Start at g (the solution when J = 0): saves the call a zero start would spend.
         result = ctx.settings.run(step, grad)
         ctx.stats.backward = result
-        ctx.f_star = ctx.z_star = None  # free the references; the graph is freed by autograd
         return result.fz, None, None, None
 
 

@@ -155,6 +155,27 @@ def test_two_calls_before_one_backward():
     assert sa.backward is not None and sb.backward is not None and sa.backward is not sb.backward
 
 
+def test_a_retained_graph_can_be_differentiated_twice():
+    """``backward(retain_graph=True)`` then ``backward()`` accumulates the same gradient twice;
+    without retaining, the second backward gets PyTorch's own error, not a crash inside."""
+    f, x, z0, weights = _case("mlp")
+    deq = DEQ(f, forward_solver=EXACT_FWD, backward_solver=EXACT_BWD)
+    z, _ = deq(x, z0)
+    loss = (weights[0] * z).sum()
+    first = torch.autograd.grad(loss, list(deq.parameters()), retain_graph=True)
+    again = torch.autograd.grad(loss, list(deq.parameters()), retain_graph=True)
+    _assert_rel_close(list(again), list(first), 1e-12)
+    deq.zero_grad()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    _assert_rel_close([p.grad for p in deq.parameters()], [2 * g for g in first], 1e-12)
+    z, _ = deq(x, z0)
+    loss = (weights[0] * z).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
 def test_no_grad_and_eval_return_the_equilibrium_without_a_graph():
     f, x, z0, _ = _case("conv")
     deq = DEQ(f, forward_solver=EXACT_FWD)
