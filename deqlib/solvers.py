@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -223,6 +224,13 @@ def _mv(A: Tensor, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_count(name: str, value: object) -> None:
+    """A history length: an int >= 1. ``2.0`` or ``True`` would pass a comparison and then break
+    the buffer shapes inside the solve, so anything but an int is refused here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+
+
 @dataclass(frozen=True)
 class FixedPointOptions:
     """``z <- z + beta (f(z) - z)``; beta=1 is plain iteration."""
@@ -257,8 +265,7 @@ class AndersonOptions:
     lam: float = 1e-4
 
     def __post_init__(self) -> None:
-        if int(self.m) != self.m or self.m < 1:
-            raise ValueError(f"m must be an integer >= 1, got m={self.m!r}")
+        _check_count("m", self.m)
         if not 0.0 < self.beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got beta={self.beta!r}")
         if not self.lam >= 0.0:
@@ -345,8 +352,7 @@ class BroydenOptions:
     window: int = 20
 
     def __post_init__(self) -> None:
-        if int(self.window) != self.window or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got window={self.window!r}")
+        _check_count("window", self.window)
 
 
 def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions, empty: Empty) -> None:
