@@ -50,6 +50,18 @@ class _WeightNorm:
         setattr(module, self.name, self.cached if self.cached is not None else self.compute(module))
 
 
+class _DetachWeight:
+    """Forward hook that leaves ``module.<name>`` detached once the call is over: a plain
+    attribute that still carried the step's graph made ``copy.deepcopy(module)`` fail (only
+    graph leaves can be deep-copied) and kept that graph alive until the next call."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: object, output: object) -> None:
+        setattr(module, self.name, getattr(module, self.name).detach())
+
+
 def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Module:
     """Reparametrize ``module.<name>`` as ``g * v / ||v||`` (norm over all dims but ``dim``).
 
@@ -73,6 +85,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
     module.register_parameter(name + "_v", nn.Parameter(weight.detach().clone()))
     setattr(module, name, hook.compute(module).detach())  # a plain attribute until the first call
     module.register_forward_pre_hook(hook)
+    module.register_forward_hook(_DetachWeight(name))
     return module
 
 
@@ -82,6 +95,9 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
         if isinstance(hook, _WeightNorm) and hook.name == name:
             weight = hook.compute(module).detach()
             del module._forward_pre_hooks[key]
+            for post_key, post in list(module._forward_hooks.items()):
+                if isinstance(post, _DetachWeight) and post.name == name:
+                    del module._forward_hooks[post_key]
             del module._parameters[name + "_g"], module._parameters[name + "_v"]
             delattr(module, name)
             module.register_parameter(name, nn.Parameter(weight))

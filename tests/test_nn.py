@@ -44,6 +44,25 @@ def test_weight_norm_computed_once_inside_context_and_fresh_after_update():
     torch.testing.assert_close(y - lin.bias, 2.0 * (nn.functional.linear(x, orig(lin) / 2.0)))
 
 
+def test_a_weight_normed_module_can_be_deep_copied_after_a_forward():
+    """The copy computes the same function and trains separately from the original."""
+    import copy
+
+    torch.manual_seed(0)
+    conv = weight_norm(nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(1, 2, 4, 4)
+    conv(x).sum().backward()  # a training step leaves module.weight behind
+    with once_per_step(conv):
+        conv(x)
+    twin = copy.deepcopy(conv)
+    torch.testing.assert_close(twin(x), conv(x))
+    with torch.no_grad():
+        twin.weight_g.mul_(2.0)
+    assert not torch.allclose(twin(x), conv(x))
+    remove_weight_norm(conv)
+    assert not conv._forward_hooks and not conv._forward_pre_hooks
+
+
 def test_weight_norm_bad_input():
     with pytest.raises(ValueError, match="no parameter named 'kernel'"):
         weight_norm(nn.Linear(2, 2), name="kernel")
