@@ -16,12 +16,20 @@ DEQ-Transformer's segment memory) differs between processes, and the model check
 written by the main process alone. With more than one process, each also writes its own
 ``checkpoint.rank<r>.pt`` beside it, and on resume loads it when it is of the same step and
 world size (else it warns, and the model's own checks start that state afresh).
+
+Which run a checkpoint belongs to: it records the training config, the step count and the
+caller's ``identity`` (the experiment's whole config); a checkpoint that differs in any of them
+is not resumed from (a warning names the keys) and the run starts afresh. The pipeline's runner
+asks the notebooks' runs to checkpoint under ``$DEQLIB_RUN_DIR`` (:func:`pipeline_run_dir`), so
+that a killed ``dvc repro`` resumes each arm where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,8 +44,9 @@ from .deq import DEQStats, SolverSettings
 from .jacobian import JacobianPenalty
 
 __all__ = ["TrainConfig", "StepOutput", "TensorBatches", "train", "TrainResult", "atomic_save", "evaluate",
-           "make_accelerator"]
+           "make_accelerator", "pipeline_run_dir", "RUN_DIR_ENV"]
 
+RUN_DIR_ENV = "DEQLIB_RUN_DIR"
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -200,6 +209,26 @@ def _load_rank_state(model: nn.Module, path: Path, step: int, world: int) -> Non
     model.load_state_dict(state["extra"], strict=False)  # only these keys: set_extra_state
 
 
+def pipeline_run_dir(name: str) -> Path | None:
+    """``$DEQLIB_RUN_DIR/<name>`` (``name`` made a safe folder name), where ``pipelines.run``
+    asks a notebook's training runs to checkpoint; None when the variable is unset (a plain
+    notebook, nbval): no checkpoints."""
+    root = os.environ.get(RUN_DIR_ENV, "")
+    if not root:
+        return None
+    return Path(root) / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run")
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys at which two nested dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "(all)"]
+
+
 @dataclass
 class TrainResult:
     records: list[dict[str, float]]
@@ -226,11 +255,15 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     accelerator: Any = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` with ``cfg``; resume from ``run_dir/checkpoint.pt`` if there.
+    """Train ``model`` on ``data`` with ``cfg``; resume from ``run_dir/checkpoint.pt`` if there
+    and it is of the same run (same ``cfg``, step count and ``identity``; else start afresh).
 
     Args:
         run_dir: where checkpoints go (None: no checkpoints).
+        identity: what else makes the run this one (e.g. the experiment's whole config, the
+            model's shape included); compared, with ``cfg``, before resuming.
         stop_after: stop (after checkpointing) once this many steps are done, as if killed;
             used to test exact resume.
         accelerator: an ``accelerate.Accelerator``; :func:`make_accelerator` makes one if None.
@@ -245,8 +278,17 @@ def train(
     optimizer = _make_optimizer(model, cfg)
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
     start, records = 0, []
+    run_id = {"train": dataclasses.asdict(cfg), "total_steps": total, "steps_per_epoch": data.steps_per_epoch,
+              "identity": dict(identity or {})}
+    state = None
     if ckpt_path is not None and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state.get("run") != run_id:
+            keys = _differing_keys(state.get("run") or {}, run_id)
+            warnings.warn(f"{ckpt_path} is a checkpoint of another run (it differs in {keys[:8]}); "
+                          "not resuming from it: this run starts afresh and overwrites it", stacklevel=2)
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
@@ -316,7 +358,7 @@ def train(
                             _rank_path(ckpt_path, accelerator.process_index))
             if accelerator.is_main_process:
                 atomic_save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": done, "records": records}, ckpt_path)
+                             "step": done, "records": records, "run": run_id}, ckpt_path)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3g}", nfe=f"{rec['fwd_nfe']:.0f}/{rec['bwd_nfe']:.0f}",

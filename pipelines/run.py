@@ -6,6 +6,11 @@ Converts the percent-format source ``notebooks/NN_name.py`` with jupytext, execu
 papermill (injecting ``profile``, ``overrides`` and ``output_dir``) in the ``notebooks/``
 folder (the folder nbval runs it in), and writes ``DIR/notebook.ipynb`` beside the metrics,
 curves and figures the notebook writes there. The paired ``.ipynb`` is never written.
+
+Training runs checkpoint under ``DIR/checkpoints/<arm>`` (``$DEQLIB_RUN_DIR`` for the kernel):
+a killed run leaves them, and the next run of the same configuration resumes each arm from its
+last checkpoint (one of another configuration is not resumed from). They are removed once the
+notebook has finished.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +26,7 @@ from pathlib import Path
 
 from deqlib.config import load_params, parse_override
 from deqlib.data.download import DATA_ENV
+from deqlib.train import RUN_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {
@@ -46,6 +53,20 @@ def absolute_data_env() -> Iterator[None]:
         os.environ[DATA_ENV] = value
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` while the block runs, then as before."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def run(experiment: str, profile: str | None = None, overrides: dict | None = None,
         out: str | Path | None = None, params_path: str | Path | None = None) -> Path:
     import jupytext
@@ -59,13 +80,15 @@ def run(experiment: str, profile: str | None = None, overrides: dict | None = No
     out = Path(out or ROOT / "outputs" / experiment).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = ROOT / "notebooks" / NOTEBOOKS[experiment]
+    checkpoints = out / "checkpoints"  # kept when a run is killed, so that the next one resumes
     nb = jupytext.read(source)
     nb.metadata.pop("jupytext", None)  # the executed copy is not paired with anything
     with tempfile.TemporaryDirectory() as tmp:
         src_ipynb = Path(tmp) / "input.ipynb"
         jupytext.write(nb, src_ipynb, fmt="ipynb")
         partial = out / ".notebook.partial.ipynb"
-        with absolute_data_env():  # the kernel inherits this process's environment
+        # The kernel inherits this process's environment.
+        with absolute_data_env(), _environ(RUN_DIR_ENV, str(checkpoints)):
             papermill.execute_notebook(
                 str(src_ipynb), str(partial),
                 parameters={"profile": profile, "overrides": dict(overrides or {}),
@@ -75,6 +98,8 @@ def run(experiment: str, profile: str | None = None, overrides: dict | None = No
             )
     final = out / "notebook.ipynb"
     os.replace(partial, final)  # a failed run leaves no executed notebook behind
+    # Finished: the next run (new code, say) must train afresh, not resume a finished arm.
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return final
 
 

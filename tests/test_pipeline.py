@@ -56,6 +56,30 @@ def test_paper_profile_starts_and_trains_on_cpu(experiment, tmp_path):
     # every output the DVC stage declares is written (else `dvc repro` fails after the run)
     for declared in _declared_outputs(experiment):
         assert (tmp_path / declared).exists(), f"dvc.yaml declares outputs/{experiment}/{declared}; not written"
+    assert not (tmp_path / "checkpoints").exists(), "a finished run leaves no checkpoints behind"
+
+
+def test_a_killed_pipeline_run_resumes_its_finished_arms(tmp_path, monkeypatch):
+    """Kill after training (the checkpoints are left, as a kill leaves them); the next run
+    of the same configuration resumes every arm from them instead of training it again (its
+    checkpoints are not rewritten), then removes them."""
+    import pipelines.run as runner
+
+    real_rmtree = runner.shutil.rmtree
+    monkeypatch.setattr(runner.shutil, "rmtree", lambda *a, **k: None)  # as if killed before cleanup
+    run("synthetic", profile="paper", overrides=PAPER_SMOKE["synthetic"], out=tmp_path)
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("checkpoint.pt")}
+    assert len(first) >= 2, first  # one per gamma arm
+    seen = {}
+
+    def rmtree(path, *args, **kwargs):
+        seen.update({p: p.stat().st_mtime_ns for p in Path(path).rglob("checkpoint.pt")})
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(runner.shutil, "rmtree", rmtree)
+    run("synthetic", profile="paper", overrides=PAPER_SMOKE["synthetic"], out=tmp_path)
+    assert seen == first, "an arm was trained again instead of resumed"
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def _declared_outputs(experiment: str) -> list[str]:

@@ -3,13 +3,14 @@
 import math
 from dataclasses import replace
 
+import pytest
 import torch
 
 from deqlib import SolverSettings
 from deqlib.data.synthetic import SyntheticConfig, make_synthetic
 from deqlib.jacobian import JacobianPenalty
 from deqlib.models.synthetic import SyntheticDEQ, SyntheticModelConfig
-from deqlib.train import TensorBatches, TrainConfig, lr_factor, train
+from deqlib.train import RUN_DIR_ENV, TensorBatches, TrainConfig, lr_factor, pipeline_run_dir, train
 
 CFG = TrainConfig(epochs=2, batch_size=32, lr=1e-2, forward=SolverSettings("anderson", 6, 1e-3),
                   backward=SolverSettings("anderson", 6, 1e-4),
@@ -39,6 +40,42 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     for ra, rc in zip(full.records, rest.records):
         for k in keys:
             assert ra[k] == rc[k] or (math.isnan(ra[k]) and math.isnan(rc[k])), (k, ra, rc)
+
+
+@pytest.mark.parametrize("change", ["lr", "epochs", "identity"])
+def test_a_checkpoint_of_another_run_is_not_resumed_from(tmp_path, change):
+    """A changed learning rate, length (the schedule depends on it) or model config must not
+    continue a killed run's weights and schedule: a warning names the key, and the run is the
+    fresh run of the new configuration, bit for bit."""
+    model, data = _setup()
+    train(model, data, CFG, run_dir=tmp_path, progress=False, stop_after=5, identity={"model": {"width": 8}})
+    cfg, identity = CFG, {"model": {"width": 8}}
+    if change == "lr":
+        cfg = replace(CFG, lr=CFG.lr / 2)
+    elif change == "epochs":
+        cfg = replace(CFG, epochs=CFG.epochs * 2)
+    else:
+        identity = {"model": {"width": 9}}
+    model_b, data = _setup()
+    with pytest.warns(UserWarning, match=r"another run.*" + {"lr": "train.lr", "epochs": "train.epochs",
+                                                             "identity": "identity.model.width"}[change]):
+        resumed = train(model_b, data, cfg, run_dir=tmp_path, progress=False, identity=identity)
+    assert resumed.resumed_from == 0
+    model_c, data = _setup()
+    fresh = train(model_c, data, cfg, progress=False)
+    for (name, pb), pc in zip(model_b.state_dict().items(), model_c.state_dict().values()):
+        assert torch.equal(pb, pc), name
+    # The checkpoint is now the new run's: the same configuration resumes from it.
+    again = train(_setup()[0], data, cfg, run_dir=tmp_path, progress=False, identity=identity)
+    assert again.resumed_from == fresh.steps
+
+
+def test_pipeline_run_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    assert pipeline_run_dir("MDEQ + JR") is None  # a plain notebook or nbval: no checkpoints
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    assert pipeline_run_dir("MDEQ + JR") == tmp_path / "MDEQ_JR"
+    assert pipeline_run_dir("gamma_0.5") == tmp_path / "gamma_0.5"
 
 
 def test_records_hold_solver_statistics_and_penalty():

@@ -22,7 +22,8 @@ from ..data.cifar import Cifar10, CifarDataConfig, CifarTransform, load_cifar10,
 from ..deq import SolverSettings
 from ..models.mdeq import MDEQ, MDEQConfig
 from ..solvers import METHODS
-from ..train import TensorBatches, TrainConfig, evaluate, train
+from ..config import to_dict
+from ..train import TensorBatches, TrainConfig, evaluate, pipeline_run_dir, train
 
 __all__ = ["CifarEvalConfig", "CifarExperiment", "hard_cap", "nfe_to_tol", "evaluate_model", "run_arm",
            "arm_config", "ARMS"]
@@ -155,6 +156,8 @@ def run_arm(exp: CifarExperiment, jr: bool, base: str | Path | None = None, data
         jr: with the Jacobian penalty of ``exp.train.jacobian`` (else gamma = 0).
         base: folder a relative ``data.root`` is resolved against (that of ``params.yaml``).
         data: already loaded data (else loaded from the configuration).
+        run_dir: where the run checkpoints and resumes from (default: :func:`~deqlib.train.pipeline_run_dir`,
+            i.e. nowhere outside the pipeline).
     Returns:
         ``{"arm", "metrics", "records", "model"}``; metrics hold the test-set figures of
         :func:`evaluate_model` plus the mean forward/backward NFE and residuals of training.
@@ -165,7 +168,10 @@ def run_arm(exp: CifarExperiment, jr: bool, base: str | Path | None = None, data
     model = MDEQ(exp.model, cfg.forward, cfg.backward)
     batches = TensorBatches((data.train_x, data.train_y), cfg.batch_size, seed=cfg.seed,
                             transform=CifarTransform(exp.data.augment, exp.data.pad))
-    result = train(model, batches, cfg, run_dir=run_dir, progress=progress, accelerator=accelerator)
+    if run_dir is None:
+        run_dir = pipeline_run_dir(ARMS[int(jr)])
+    result = train(model, batches, cfg, run_dir=run_dir, progress=progress, accelerator=accelerator,
+                   identity={"experiment": to_dict(exp)})
     metrics = evaluate_model(model, data.test_x, data.test_y, exp.eval, accelerator)
     deq_steps = [r for r in result.records if not r["pretrain"]]
 

@@ -19,7 +19,8 @@ from ..deq import SolverSettings
 from ..jacobian import frobenius_sq_per_dim, spectral_radius
 from ..models.synthetic import SyntheticDEQ, SyntheticModelConfig
 from ..solvers import SolverResult
-from ..train import TensorBatches, TrainConfig, train
+from ..config import to_dict
+from ..train import TensorBatches, TrainConfig, pipeline_run_dir, train
 
 __all__ = ["EvalConfig", "SyntheticExperiment", "run_arm", "batch_rel_trace", "nfe_to_tol"]
 
@@ -71,13 +72,17 @@ def nfe_to_tol(trace: Tensor, tol: float) -> int | None:
 
 def run_arm(exp: SyntheticExperiment, gamma: float, run_dir: str | Path | None = None,
             progress: bool = True) -> dict:
-    """Train and evaluate one gamma. Returns metrics, per-step records and the model."""
+    """Train and evaluate one gamma. Returns metrics, per-step records and the model.
+    ``run_dir``: where the run checkpoints and resumes from (default
+    :func:`~deqlib.train.pipeline_run_dir`: nowhere outside the pipeline)."""
     (xt, yt), (xv, yv) = make_synthetic(exp.data)
     cfg = replace(exp.train, jacobian=replace(exp.train.jacobian, gamma=float(gamma)))
     torch.manual_seed(cfg.seed)
     model = SyntheticDEQ(exp.model, cfg.forward, cfg.backward)
+    if run_dir is None:
+        run_dir = pipeline_run_dir(f"gamma_{float(gamma):g}")
     result = train(model, TensorBatches((xt, yt), cfg.batch_size, seed=cfg.seed), cfg,
-                   run_dir=run_dir, progress=progress)
+                   run_dir=run_dir, progress=progress, identity={"experiment": to_dict(exp)})
     model.eval()
     ev = exp.eval
     measure = SolverSettings(ev.method, ev.nfe_cap, ev.tol * 1e-3)  # run past tol: measure, not stop

@@ -20,12 +20,13 @@ from statistics import median
 import torch
 from torch import Tensor
 
+from ..config import to_dict
 from ..data.wikitext import LMStream, WikiTextData, batchify, load_wikitext
 from ..deq import SolverSettings
 from ..jacobian import JacobianPenalty
 from ..measure import saved_tensor_bytes
 from ..models.transformer import DEQTransformerLM, Memory, TransformerConfig
-from ..train import TrainConfig, train
+from ..train import TrainConfig, pipeline_run_dir, train
 
 __all__ = ["ARMS", "LMEvalConfig", "WikiTextExperiment", "evaluate", "activation_memory",
            "unigram_perplexity", "run_arm", "arm_settings"]
@@ -191,14 +192,18 @@ def run_arm(exp: WikiTextExperiment, arm: str, data: dict, run_dir: str | Path |
     """Train and evaluate one arm on ``data`` (from :func:`deqlib.data.wikitext.load_wikitext`).
 
     Returns metrics (perplexity at the training threshold and at each NFE cap, NFEs, median
-    step time, activation memory), the per-step records and the model.
+    step time, activation memory), the per-step records and the model. ``run_dir``: where the
+    run checkpoints and resumes from (default :func:`~deqlib.train.pipeline_run_dir`: nowhere
+    outside the pipeline).
     """
     model_cfg, cfg, explicit = arm_settings(exp, arm)
     torch.manual_seed(cfg.seed)
     n_token = len(data["vocab"])
     model = DEQTransformerLM(model_cfg, n_token, cfg.forward, cfg.backward, explicit=explicit)
     stream = LMStream(data["train"], cfg.batch_size, model_cfg.tgt_len)
-    result = train(model, stream, cfg, run_dir=run_dir, progress=progress)
+    if run_dir is None:
+        run_dir = pipeline_run_dir(arm)
+    result = train(model, stream, cfg, run_dir=run_dir, progress=progress, identity={"experiment": to_dict(exp)})
     records = result.records
     deq_steps = [r for r in records if not r["pretrain"]]
     ev = exp.eval
