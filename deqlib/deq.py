@@ -67,6 +67,9 @@ class StatePacker:
         tensors = [state] if self.single else list(state)
         if not tensors:
             raise ValueError("the state must hold at least one tensor, got an empty list")
+        if any(t.dim() < 1 or t.shape[0] < 1 for t in tensors):
+            raise ValueError(f"every state tensor needs a batch dimension of size >= 1, got shapes "
+                             f"{[tuple(t.shape) for t in tensors]}")
         self.batch = tensors[0].shape[0]
         for t in tensors:
             if t.shape[0] != self.batch:

@@ -8,12 +8,17 @@ so that ``J = d fz / d z`` is block-diagonal over the batch (samples are indepen
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = ["frobenius_sq_per_dim", "spectral_radius", "JacobianPenalty"]
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -118,13 +123,14 @@ class JacobianPenalty:
     n_probes: int = 1
 
     def __post_init__(self) -> None:
+        # Types first: "0.5" or True would otherwise fail a comparison with a TypeError, or pass.
         for name in ("gamma", "gamma_end"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
+            if value is not None and not (_is_real(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-        if not (0.0 <= self.p <= 1.0):
+        if not (_is_real(self.p) and 0.0 <= self.p <= 1.0):
             raise ValueError(f"p must be in [0, 1], got p={self.p!r}")
-        if isinstance(self.n_probes, bool) or int(self.n_probes) != self.n_probes or self.n_probes < 1:
+        if isinstance(self.n_probes, bool) or not isinstance(self.n_probes, numbers.Integral) or self.n_probes < 1:
             raise ValueError(f"n_probes must be an integer >= 1, got n_probes={self.n_probes!r}")
 
     @property

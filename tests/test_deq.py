@@ -219,6 +219,16 @@ def test_bad_layer_arguments(kwargs, name):
         DEQ(MLPMap(), **kwargs)
 
 
+def test_an_empty_batch_is_refused_before_any_call_of_f():
+    calls = []
+    deq = DEQ(lambda z, x: calls.append(1) or z)
+    with pytest.raises(ValueError, match=r"batch dimension.*\(0, 3\)"):
+        deq(torch.zeros(0, 3), torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="batch dimension"):
+        deq(None, [torch.zeros(2, 3), torch.zeros(())])
+    assert not calls
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [

@@ -112,6 +112,10 @@ def test_penalty_schedule_and_frequency():
         (dict(p=1.5), "p"),
         (dict(p=-0.1), "p"),
         (dict(n_probes=0), "n_probes"),
+        (dict(gamma="1"), "gamma='1'"),
+        (dict(gamma=True), "gamma=True"),
+        (dict(p="0.5"), "p='0.5'"),
+        (dict(n_probes=2.0), "n_probes=2.0"),
     ],
 )
 def test_bad_penalty_arguments(kwargs, name):
