@@ -292,6 +292,9 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
+        scaler = getattr(accelerator, "scaler", None)  # fp16: the loss scale and its growth count
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         if accelerator.num_processes > 1:
             _load_rank_state(model, _rank_path(ckpt_path, accelerator.process_index), start,
                              accelerator.num_processes)
@@ -357,7 +360,9 @@ def train(
                              "extra": _extra_states(unwrapped)},
                             _rank_path(ckpt_path, accelerator.process_index))
             if accelerator.is_main_process:
+                scaler = getattr(accelerator, "scaler", None)
                 atomic_save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler is not None else None,
                              "step": done, "records": records, "run": run_id}, ckpt_path)
         if bar is not None:
             bar.update(1)

@@ -42,6 +42,32 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
             assert ra[k] == rc[k] or (math.isnan(ra[k]) and math.isnan(rc[k])), (k, ra, rc)
 
 
+def test_resume_restores_the_fp16_loss_scaler(tmp_path):
+    """With fp16 Accelerate scales the loss by a GradScaler whose scale grows every
+    ``growth_interval`` clean steps; a resumed run must continue that scale, not restart it.
+    (A CPU GradScaler stands in for the CUDA one: the same code path in Accelerate.)"""
+    from accelerate import Accelerator
+
+    def accelerator():
+        acc = Accelerator(cpu=True)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=2)
+        return acc
+
+    model_a, data = _setup()
+    full_acc = accelerator()
+    train(model_a, data, CFG, progress=False, accelerator=full_acc)
+    model_b, data = _setup()
+    train(model_b, data, CFG, run_dir=tmp_path, progress=False, stop_after=7, accelerator=accelerator())
+    model_c, data = _setup()
+    rest_acc = accelerator()
+    rest = train(model_c, data, CFG, run_dir=tmp_path, progress=False, accelerator=rest_acc)
+    assert rest.resumed_from == 7
+    assert rest_acc.scaler.state_dict() == full_acc.scaler.state_dict()
+    assert full_acc.scaler.get_scale() > 2.0**4  # the scale did grow: the check has teeth
+    for (name, pa), pc in zip(model_a.state_dict().items(), model_c.state_dict().values()):
+        assert torch.equal(pa, pc), name
+
+
 @pytest.mark.parametrize("change", ["lr", "epochs", "identity"])
 def test_a_checkpoint_of_another_run_is_not_resumed_from(tmp_path, change):
     """A changed learning rate, length (the schedule depends on it) or model config must not
