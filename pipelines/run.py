@@ -38,22 +38,6 @@ NOTEBOOKS = {
 
 
 @contextlib.contextmanager
-def absolute_data_env() -> Iterator[None]:
-    """``$DEQLIB_DATA`` made absolute (against the caller's working directory) while the block
-    runs, then restored. The kernel runs in ``notebooks/``: a relative value would otherwise
-    name a folder there, and a paper profile would download its data set into it."""
-    value = os.environ.get(DATA_ENV, "")
-    if not value or Path(value).expanduser().is_absolute():
-        yield
-        return
-    os.environ[DATA_ENV] = str(Path(value).expanduser().resolve())
-    try:
-        yield
-    finally:
-        os.environ[DATA_ENV] = value
-
-
-@contextlib.contextmanager
 def _environ(name: str, value: str) -> Iterator[None]:
     """``os.environ[name] = value`` while the block runs, then as before."""
     before = os.environ.get(name)
@@ -65,6 +49,19 @@ def _environ(name: str, value: str) -> Iterator[None]:
             del os.environ[name]
         else:
             os.environ[name] = before
+
+
+@contextlib.contextmanager
+def absolute_data_env() -> Iterator[None]:
+    """``$DEQLIB_DATA`` made absolute (against the caller's working directory) while the block
+    runs, then restored. The kernel runs in ``notebooks/``: a relative value would otherwise
+    name a folder there, and a paper profile would download its data set into it."""
+    value = os.environ.get(DATA_ENV, "")
+    if not value or Path(value).expanduser().is_absolute():
+        yield
+        return
+    with _environ(DATA_ENV, str(Path(value).expanduser().resolve())):
+        yield
 
 
 def run(experiment: str, profile: str | None = None, overrides: dict | None = None,
