@@ -305,14 +305,15 @@ if "explicit" in arms:
 #   $\gamma = 1.6 \to 2.5$ and $p = 0.35$ are used unchanged; whether a longer run closes the
 #   gap, as the paper's 300K steps evidently do, this budget cannot say.
 # - *Training is faster with the penalty* — **held in direction, weakly.** In the run
-#   committed here the penalized arms take 1.35x (Post-LN) and 1.40x (Pre-LN) the time of a
-#   step of the 6-layer explicit stack, against 1.76x without the penalty (paper, relative to
+#   committed here the penalized arms take 1.26x (Post-LN) and 1.15x (Pre-LN) the time of a
+#   step of the 6-layer explicit stack, against 1.77x without the penalty (paper, relative to
 #   Transformer-XL: 1.4-1.6x against 3.1x). These medians move by tens of percent between runs
 #   on a shared 2-core machine, and the saving is small because the penalty's double backward,
 #   drawn on 35% of the steps, spends much of what the fewer calls save.
-# - *Memory* — the equilibrium's saving **held**: the DEQ layer saves 3.8 MB for backward at
-#   batch 15, 19% of the 6-layer stack's 20.3 MB, and this does not grow with the number of
-#   calls. The penalty adds 86% to the layer's saved bytes (36% with embedding and softmax),
+# - *Memory* — the equilibrium's saving **held**: the DEQ layer saves 4.0 MB for backward at
+#   batch 15 ($z^\star$ and $f(z^\star)$, which the implicit backward keeps, included), 20% of the
+#   6-layer stack's 20.3 MB, and this does not grow with the number of calls. The penalty
+#   adds 81% to the layer's saved bytes (37% with embedding and softmax),
 #   more than the paper's +25%, which is a GPU's peak for the whole step of a much larger model.
 # - The explicit 6-layer stack (335) beats the unregularized DEQ (351) at equal steps here;
 #   in the paper the two are equal (24.1 and 24.0). Pre-LN without the penalty, which the
