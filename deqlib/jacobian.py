@@ -8,17 +8,14 @@ so that ``J = d fz / d z`` is block-diagonal over the batch (samples are indepen
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .checks import check_int, is_real
+
 __all__ = ["frobenius_sq_per_dim", "spectral_radius", "JacobianPenalty"]
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -126,12 +123,11 @@ class JacobianPenalty:
         # Types first: "0.5" or True would otherwise fail a comparison with a TypeError, or pass.
         for name in ("gamma", "gamma_end"):
             value = getattr(self, name)
-            if value is not None and not (_is_real(value) and math.isfinite(value) and value >= 0):
+            if value is not None and not (is_real(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-        if not (_is_real(self.p) and 0.0 <= self.p <= 1.0):
+        if not (is_real(self.p) and 0.0 <= self.p <= 1.0):
             raise ValueError(f"p must be in [0, 1], got p={self.p!r}")
-        if isinstance(self.n_probes, bool) or not isinstance(self.n_probes, numbers.Integral) or self.n_probes < 1:
-            raise ValueError(f"n_probes must be an integer >= 1, got n_probes={self.n_probes!r}")
+        check_int("n_probes", self.n_probes, 1)
 
     @property
     def enabled(self) -> bool:

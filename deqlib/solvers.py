@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .buffers import POOL, Empty
+from .checks import check_int
 
 __all__ = ["SolverResult", "solve", "METHODS", "STOP_MODES", "check_method_options"]
 
@@ -224,13 +224,6 @@ def _mv(A: Tensor, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_count(name: str, value: object) -> None:
-    """A history length: an int >= 1. ``2.0`` or ``True`` would pass a comparison and then break
-    the buffer shapes inside the solve, so anything but an int is refused here."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
-
-
 @dataclass(frozen=True)
 class FixedPointOptions:
     """``z <- z + beta (f(z) - z)``; beta=1 is plain iteration."""
@@ -265,7 +258,7 @@ class AndersonOptions:
     lam: float = 1e-4
 
     def __post_init__(self) -> None:
-        _check_count("m", self.m)
+        check_int("m", self.m, 1)  # a float m would break the buffer shapes
         if not 0.0 < self.beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got beta={self.beta!r}")
         if not self.lam >= 0.0:
@@ -352,7 +345,7 @@ class BroydenOptions:
     window: int = 20
 
     def __post_init__(self) -> None:
-        _check_count("window", self.window)
+        check_int("window", self.window, 1)
 
 
 def _broyden(f: FlatMap, z: Tensor, tracker: _Tracker, opts: BroydenOptions, empty: Empty) -> None:

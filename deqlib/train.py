@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int
 from .deq import DEQStats, SolverSettings
 from .jacobian import JacobianPenalty
 
@@ -80,11 +81,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "pretrain_steps", "seed", "checkpoint_every"):
-            _check_int(name, getattr(self, name), 0)
+            check_int(name, getattr(self, name), 0)
         if self.max_steps is not None:
-            _check_int("max_steps", self.max_steps, 1)
+            check_int("max_steps", self.max_steps, 1)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer={self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -99,11 +100,6 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got momentum={self.momentum!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or null, got grad_clip={self.grad_clip!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
 
 
 @dataclass
@@ -276,6 +272,7 @@ def train(
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     optimizer = _make_optimizer(model, cfg)
+    scaler = getattr(accelerator, "scaler", None)  # fp16: the loss scale and its growth count
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
     start, records = 0, []
     run_id = {"train": dataclasses.asdict(cfg), "total_steps": total, "steps_per_epoch": data.steps_per_epoch,
@@ -292,7 +289,6 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
-        scaler = getattr(accelerator, "scaler", None)  # fp16: the loss scale and its growth count
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         if accelerator.num_processes > 1:
@@ -360,7 +356,6 @@ def train(
                              "extra": _extra_states(unwrapped)},
                             _rank_path(ckpt_path, accelerator.process_index))
             if accelerator.is_main_process:
-                scaler = getattr(accelerator, "scaler", None)
                 atomic_save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict() if scaler is not None else None,
                              "step": done, "records": records, "run": run_id}, ckpt_path)
@@ -392,8 +387,8 @@ def evaluate(
     Returns:
         The totals, the same on every process.
     """
-    _check_int("n_items", n_items, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("n_items", n_items, 1)
+    check_int("batch_size", batch_size, 1)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     totals: dict[str, float] = {}
     for b in range(rank, math.ceil(n_items / batch_size), world):

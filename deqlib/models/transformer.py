@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..deq import DEQ, DEQStats, SolverSettings
 from ..nn import VariationalDropout, once_per_step, weight_norm
 from ..train import StepOutput
@@ -69,8 +70,8 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_head", "d_head", "d_inner", "tgt_len", "n_layer", "pretrain_layers"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("mem_len", self.mem_len, 0)
+            check_int(name, getattr(self, name), 1)
+        check_int("mem_len", self.mem_len, 0)
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (sinusoidal positions), got d_model={self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
@@ -93,11 +94,6 @@ class TransformerConfig:
         """ValueError unless every cutoff lies inside a vocabulary of ``n_token`` words."""
         if self.cutoffs[-1] >= n_token:
             raise ValueError(f"cutoffs={list(self.cutoffs)} must all be below the vocabulary size {n_token}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
 
 
 class Memory(NamedTuple):
