@@ -104,9 +104,11 @@ class DEQStats:
     _pair: Callable[[], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
 
     def jacobian_inputs(self) -> tuple[Tensor, Tensor]:
-        """``(z_star, f_star)``, both ``(B, D)``: a leaf ``z*`` and ``f(z*)`` with its graph, so
-        that vector-Jacobian products of ``J_f(z*)`` (e.g. the Jacobian penalty) can be taken.
-        In implicit mode this is the forward's own differentiable call (no extra cost)."""
+        """``(z_star, f_star)``, both ``(B, D)``: ``z*`` and ``f(z*)`` with its graph, so that
+        vector-Jacobian products of ``J_f(z*)`` (e.g. the Jacobian penalty) can be taken. Never
+        a new call of ``f``: in implicit and phantom mode this is the forward's differentiable
+        call at the leaf ``z*``; in unrolled mode, the last unrolled call (``z*`` its input,
+        part of the unrolled graph)."""
         if self._pair is None:
             raise RuntimeError("no graph at z*: the DEQ was called without autograd")
         return self._pair()
@@ -218,6 +220,11 @@ class DEQ(nn.Module):
     def _unrolled(
         self, f_flat: Callable[[Tensor], Tensor], z: Tensor, settings: SolverSettings
     ) -> tuple[Tensor, DEQStats]:
+        grad = torch.is_grad_enabled()
+        if grad and not z.requires_grad:
+            # A start that is part of the graph, so that the last call's pair below can give
+            # vector-Jacobian products even when that call was the first.
+            z = z.detach().requires_grad_()
         tracker = _Tracker(settings.max_iter, settings.tol, settings.stop_mode, 1e6)
         while True:
             fz = f_flat(z)
@@ -225,10 +232,11 @@ class DEQ(nn.Module):
                 break
             z = fz
         stats = DEQStats(forward=tracker.result(z.shape))
-        if torch.is_grad_enabled():
-            def pair() -> tuple[Tensor, Tensor]:
-                z_star = fz.detach().requires_grad_()
-                return z_star, f_flat(z_star)
-
-            stats._pair = pair
+        if grad:
+            # The pair of the last call, made now: a call of f from ``jacobian_inputs`` would
+            # come after the caller's ``once_per_step`` block (a new dropout mask, the weights
+            # normalized again) and cost one call more. Its ``z`` is not a leaf: a penalty on
+            # it is differentiated through every unrolled step, as the loss is in this mode.
+            z_last = z
+            stats._pair = lambda: (z_last, fz)
         return fz, stats

@@ -190,6 +190,33 @@ def test_no_grad_and_eval_return_the_equilibrium_without_a_graph():
         stats.jacobian_inputs()
 
 
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "unrolled"])
+@pytest.mark.parametrize("max_iter", [1, 6])
+def test_jacobian_inputs_are_a_pair_of_the_forward_without_a_new_call(backward, max_iter):
+    """``jacobian_inputs()`` hands back a call ``f(z*)`` the forward made (a call made later
+    would fall outside the model's ``once_per_step``: a new dropout mask) and its VJPs are
+    those of the exact Jacobian at ``z*``."""
+    f, x, z0, _ = _case("mlp")
+    calls = [0]
+
+    def counted(z, x):
+        calls[0] += 1
+        return f(z, x)
+
+    deq = DEQ(counted, forward_solver=SolverSettings("fixed_point", max_iter, 1e-30), backward=backward)
+    deq(x, z0)[1].jacobian_inputs()  # a pair of the forward may be asked for more than once
+    _, stats = deq(x, z0)
+    made = calls[0]
+    z_star, f_star = stats.jacobian_inputs()
+    assert calls[0] == made
+    with torch.no_grad():
+        torch.testing.assert_close(f_star, f(z_star, x), rtol=1e-12, atol=1e-12)
+    v = torch.randn_like(f_star)
+    (vjp,) = torch.autograd.grad(f_star, z_star, v)
+    J = torch.func.vmap(torch.func.jacrev(lambda z, xi: f(z, xi)))(z_star.detach(), x)  # (B, D, D)
+    torch.testing.assert_close(vjp, torch.einsum("bi,bij->bj", v, J), rtol=1e-10, atol=1e-12)
+
+
 def test_hard_stop_override_counts_calls():
     f, x, z0, _ = _case("mlp")
     deq = DEQ(f, forward_solver=EXACT_FWD)
