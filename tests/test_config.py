@@ -115,6 +115,9 @@ def test_wikitext_paper_profile_is_table4():
         ({"train": {"forward": {"tol": 0}}}, r"tol=0"),
         ({"data": {"noise_var": -1}}, r"noise_var=-1"),
         ({"eval": {"gammas": [-1.0]}}, r"gammas"),
+        # The arms' gammas are eval.gammas: a weight in train.jacobian would be replaced unseen.
+        ({"train": {"jacobian": {"gamma": 0.5}}}, r"gamma=0.5.*eval.gammas"),
+        ({"train": {"jacobian": {"gamma_end": 2.0}}}, r"gamma_end=2.0.*eval.gammas"),
         ({"model": {"hidden": 0}}, r"hidden=0"),
         # A section given as a plain value fails here, not at its first use inside a run.
         ({"train": {"forward": "anderson"}}, r"x.train.forward must be a section.*'anderson'"),

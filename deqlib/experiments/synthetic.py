@@ -53,6 +53,14 @@ class SyntheticExperiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        # Each arm's gamma comes from eval.gammas; a weight set here would be silently replaced.
+        jac = self.train.jacobian
+        if jac.gamma != 0.0 or jac.gamma_end is not None:
+            raise ValueError(f"train.jacobian.gamma={jac.gamma!r}, gamma_end={jac.gamma_end!r} is not used: "
+                             f"each arm's constant gamma comes from eval.gammas; leave gamma at 0 and "
+                             f"gamma_end unset")
+
 
 def batch_rel_trace(res: SolverResult) -> Tensor:
     """``(N,)`` relative residual of the whole batch, ``||F - Z|| / ||F||``, at each call.
