@@ -106,7 +106,8 @@ class JacobianPenalty:
 
     The loss term is ``tau * gamma(t) * mean_b ||J_b||_F^2 / d`` with ``tau ~ Bernoulli(p)``.
     ``gamma`` goes from ``gamma`` to ``gamma_end`` over training (linear in the progress
-    ``t / T``), e.g. 1.6 -> 2.5 for WikiText-103; ``gamma_end=None`` keeps it constant.
+    ``t / T``; the training loop counts the steps after pretraining, when the penalty can first
+    apply), e.g. 1.6 -> 2.5 for WikiText-103; ``gamma_end=None`` keeps it constant.
 
     Attributes:
         gamma: start weight (>= 0). gamma_end: end weight (>= 0) or None.

@@ -322,7 +322,10 @@ def train(
             gen = _gen(cfg.seed, step, 3)
             if out.stats is not None and cfg.jacobian.applies(gen):
                 z_star, f_star = out.stats.jacobian_inputs()
-                jr, jac_est = cfg.jacobian.loss(z_star, f_star, step, total, gen)
+                # gamma's schedule runs over the equilibrium steps: it starts at gamma when the
+                # penalty first can apply, after pretraining (as the official code's does).
+                jr, jac_est = cfg.jacobian.loss(z_star, f_star, step - cfg.pretrain_steps,
+                                                total - cfg.pretrain_steps, gen)
                 loss = loss + jr
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)

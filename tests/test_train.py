@@ -190,3 +190,21 @@ def test_per_process_state_is_loaded_only_for_its_own_step_and_world(tmp_path):
     assert holder.value == 7
     with pytest.warns(UserWarning, match="found none"):
         _load_rank_state(holder, tmp_path / "missing.pt", 5, 2)
+
+
+def test_gamma_schedule_runs_from_the_end_of_pretraining_to_the_last_step(tmp_path):
+    """gamma = A when the penalty can first apply (the first equilibrium step), B at the last."""
+    weights = []
+
+    class Spy(JacobianPenalty):
+        def weight(self, step, total_steps):
+            weights.append(super().weight(step, total_steps))
+            return weights[-1]
+
+    cfg = replace(CFG, pretrain_steps=6, jacobian=Spy(gamma=1.0, gamma_end=3.0, p=1.0))
+    model, data = _setup(cfg)
+    res = train(model, data, cfg, progress=False)
+    assert res.steps == 16 and [r["pretrain"] for r in res.records] == [1.0] * 6 + [0.0] * 10
+    assert len(weights) == 10  # not drawn while pretraining
+    assert weights[0] == pytest.approx(1.0) and weights[-1] == pytest.approx(3.0)
+    assert weights == sorted(weights)
