@@ -135,11 +135,13 @@ class TensorBatches:
 
     def batch(self, epoch: int, i: int, rank: int = 0, world: int = 1) -> tuple[Tensor, ...]:
         perm = torch.randperm(self.tensors[0].shape[0], generator=_gen(self.seed, epoch))
-        idx = perm[i * self.batch_size:(i + 1) * self.batch_size][rank::world]
+        idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
         out = tuple(t[idx] for t in self.tensors)
         if self.transform is not None:
+            # The whole global batch, then this process's share: each example gets its own
+            # draw (not the one its position in every share gets), whatever the process count.
             out = self.transform(out, _gen(self.seed, epoch, i, 1))
-        return out
+        return tuple(t[rank::world] for t in out)
 
 
 def _gen(*key: int) -> torch.Generator:
@@ -148,6 +150,13 @@ def _gen(*key: int) -> torch.Generator:
     for k in key:
         seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
     return torch.Generator().manual_seed(seed)
+
+
+def _rank_gen(seed: int, step: int, stream: int, rank: int) -> torch.Generator:
+    """The generator of one random stream of a step on process ``rank``: each process its own
+    (dropout masks and probes must differ between the processes' shares of a batch), process 0
+    the one a single-process run draws."""
+    return _gen(seed, step, stream) if rank == 0 else _gen(seed, step, stream, rank)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -308,19 +317,21 @@ def train(
             break
         t0 = time.perf_counter()
         epoch, i = divmod(step, data.steps_per_epoch)
-        torch.manual_seed(_gen(cfg.seed, step, 2).initial_seed())  # dropout etc. of this step
+        rank = accelerator.process_index
+        torch.manual_seed(_rank_gen(cfg.seed, step, 2, rank).initial_seed())  # dropout etc. of this step
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, total, cfg.warmup_steps, cfg.schedule)
-        batch = tuple(t.to(accelerator.device) for t in data.batch(epoch, i, accelerator.process_index,
-                                                                    accelerator.num_processes))
+        batch = tuple(t.to(accelerator.device) for t in data.batch(epoch, i, rank, accelerator.num_processes))
         wrapped.train()
         pretrain = step < cfg.pretrain_steps
         with accelerator.autocast():
             out: StepOutput = wrapped(batch, pretrain=pretrain)
             loss = out.loss
             jac_est = None
-            gen = _gen(cfg.seed, step, 3)
+            gen = _gen(cfg.seed, step, 3)  # the same draw of tau on every process
             if out.stats is not None and cfg.jacobian.applies(gen):
+                if rank:
+                    gen = _rank_gen(cfg.seed, step, 3, rank)  # but this process's own probes
                 z_star, f_star = out.stats.jacobian_inputs()
                 # gamma's schedule runs over the equilibrium steps: it starts at gamma when the
                 # penalty first can apply, after pretraining (as the official code's does).

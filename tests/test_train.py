@@ -10,7 +10,7 @@ from deqlib import SolverSettings
 from deqlib.data.synthetic import SyntheticConfig, make_synthetic
 from deqlib.jacobian import JacobianPenalty
 from deqlib.models.synthetic import SyntheticDEQ, SyntheticModelConfig
-from deqlib.train import RUN_DIR_ENV, TensorBatches, TrainConfig, lr_factor, pipeline_run_dir, train
+from deqlib.train import RUN_DIR_ENV, TensorBatches, TrainConfig, _gen, _rank_gen, lr_factor, pipeline_run_dir, train
 
 CFG = TrainConfig(epochs=2, batch_size=32, lr=1e-2, forward=SolverSettings("anderson", 6, 1e-3),
                   backward=SolverSettings("anderson", 6, 1e-4),
@@ -208,3 +208,22 @@ def test_gamma_schedule_runs_from_the_end_of_pretraining_to_the_last_step(tmp_pa
     assert len(weights) == 10  # not drawn while pretraining
     assert weights[0] == pytest.approx(1.0) and weights[-1] == pytest.approx(3.0)
     assert weights == sorted(weights)
+
+
+def test_each_process_gets_its_share_of_one_global_batch_and_its_own_random_draws():
+    """Augmenting a share with the batch's generator gave the i-th example of every process's
+    share the same draw; the shares must instead be slices of the one-process batch."""
+    def noise(batch, gen):
+        (x,) = batch
+        return (x + torch.randn(x.shape, generator=gen),)
+
+    data = TensorBatches((torch.zeros(40, 3),), 8, seed=1, transform=noise)
+    (whole,) = data.batch(2, 1)
+    shares = [data.batch(2, 1, rank=r, world=2)[0] for r in range(2)]
+    for r, share in enumerate(shares):
+        assert torch.equal(share, whole[r::2])
+    assert not torch.equal(shares[0], shares[1])  # the same (zero) examples, drawn apart
+    # dropout and probe streams: process 0 draws what one process draws, the others their own
+    one = torch.rand(4, generator=_gen(3, 5, 2))
+    assert torch.equal(torch.rand(4, generator=_rank_gen(3, 5, 2, 0)), one)
+    assert not torch.equal(torch.rand(4, generator=_rank_gen(3, 5, 2, 1)), one)
