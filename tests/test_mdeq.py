@@ -93,6 +93,7 @@ def test_once_per_step_makes_f_one_map_with_dropout_on():
         ({"expansion": 0}, r"expansion=0"),
         ({"downsample": -1}, r"downsample=-1"),
         ({"downsample": 3}, r"image_size=8 is too small for downsample=3"),
+        ({"image_size": 10}, r"image_size=10 must be divisible by 2\*\*2"),
         ({"init_std": -0.1}, r"init_std=-0.1"),
         ({"num_classes": 1}, r"num_classes=1"),
     ],

@@ -84,9 +84,14 @@ class MDEQConfig:
             raise ValueError(f"groups={self.groups} does not divide the widths {bad}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
-        if self.image_size >> (self.downsample + len(self.channels) - 1) < 1:
+        halvings = self.downsample + len(self.channels) - 1
+        if self.image_size >> halvings < 1:
             raise ValueError(f"image_size={self.image_size} is too small for downsample={self.downsample} "
                              f"and {len(self.channels)} scales")
+        if self.image_size % (1 << halvings):
+            # A stride-2 conv rounds an odd side up, so the scales would stop matching in the fusion.
+            raise ValueError(f"image_size={self.image_size} must be divisible by 2**{halvings} "
+                             f"(downsample={self.downsample} and {len(self.channels)} scales)")
         if self.init_std is not None and not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a finite number > 0, got init_std={self.init_std!r}")
 
