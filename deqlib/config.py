@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["build", "load_yaml", "parse_override", "load_params", "load_experiment", "apply_overrides", "to_dict", "PROFILES"]
+__all__ = ["build", "load_yaml", "parse_override", "load_params", "load_experiment", "apply_overrides", "to_dict",
+           "training_identity", "PROFILES"]
 
 PROFILES = ("paper", "small")
 T = TypeVar("T")
@@ -71,6 +72,13 @@ def build(cls: type[T], data: dict | None, where: str = "") -> T:
 def to_dict(obj: Any) -> dict:
     """A plain (YAML/JSON-able) dict of a dataclass tree."""
     return dataclasses.asdict(obj)
+
+
+def training_identity(exp: Any) -> dict:
+    """What makes an experiment's training runs these ones, for the checkpoint to be resumed
+    from (:func:`deqlib.train.train`'s ``identity``): the whole config but its ``eval``
+    section, which is read only after training (changing it must not discard a trained arm)."""
+    return {"experiment": {k: v for k, v in to_dict(exp).items() if k != "eval"}}
 
 
 class _Yaml12Loader(yaml.SafeLoader):

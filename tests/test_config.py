@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deqlib.config import PROFILES, apply_overrides, build, load_experiment, load_yaml, to_dict
+from deqlib.config import PROFILES, apply_overrides, build, load_experiment, load_yaml, to_dict, training_identity
 from deqlib.experiments.cifar import CifarExperiment
 from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
@@ -145,3 +145,15 @@ def test_train_config_rejects_unknown_choices():
                          ({"mixed_precision": "fp8"}, "mixed_precision"), ({"grad_clip": 0}, "grad_clip")]:
         with pytest.raises(ValueError, match=name):
             TrainConfig(**kwargs)
+
+
+def test_a_checkpoint_identity_leaves_out_only_the_evaluation_settings():
+    """Changing how a trained arm is measured must not discard its training (the identity
+    decides whether a checkpoint is resumed from); anything that changes training must."""
+    base = build(SyntheticExperiment, {})
+    evaluated = build(SyntheticExperiment, {"eval": {"nfe_cap": 50, "gammas": [0.0, 3.0]}})
+    trained = build(SyntheticExperiment, {"train": {"lr": 0.01}})
+    resampled = build(SyntheticExperiment, {"data": {"seed": 1}})
+    assert training_identity(evaluated) == training_identity(base)
+    assert training_identity(trained) != training_identity(base)
+    assert training_identity(resampled) != training_identity(base)

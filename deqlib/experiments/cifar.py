@@ -22,7 +22,7 @@ from ..data.cifar import Cifar10, CifarDataConfig, CifarTransform, load_cifar10,
 from ..deq import SolverSettings
 from ..models.mdeq import MDEQ, MDEQConfig
 from ..solvers import METHODS
-from ..config import to_dict
+from ..config import training_identity
 from ..train import TensorBatches, TrainConfig, evaluate, pipeline_run_dir, train
 
 __all__ = ["CifarEvalConfig", "CifarExperiment", "hard_cap", "nfe_to_tol", "evaluate_model", "run_arm",
@@ -171,7 +171,7 @@ def run_arm(exp: CifarExperiment, jr: bool, base: str | Path | None = None, data
     if run_dir is None:
         run_dir = pipeline_run_dir(ARMS[int(jr)])
     result = train(model, batches, cfg, run_dir=run_dir, progress=progress, accelerator=accelerator,
-                   identity={"experiment": to_dict(exp)})
+                   identity=training_identity(exp))
     metrics = evaluate_model(model, data.test_x, data.test_y, exp.eval, accelerator)
     deq_steps = [r for r in result.records if not r["pretrain"]]
 

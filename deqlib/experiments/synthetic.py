@@ -19,7 +19,7 @@ from ..deq import SolverSettings
 from ..jacobian import spectral_radius
 from ..models.synthetic import SyntheticDEQ, SyntheticModelConfig
 from ..solvers import SolverResult
-from ..config import to_dict
+from ..config import training_identity
 from ..train import TensorBatches, TrainConfig, pipeline_run_dir, train
 
 __all__ = ["EvalConfig", "SyntheticExperiment", "run_arm", "batch_rel_trace", "nfe_to_tol"]
@@ -90,7 +90,7 @@ def run_arm(exp: SyntheticExperiment, gamma: float, run_dir: str | Path | None =
     if run_dir is None:
         run_dir = pipeline_run_dir(f"gamma_{float(gamma):g}")
     result = train(model, TensorBatches((xt, yt), cfg.batch_size, seed=cfg.seed), cfg,
-                   run_dir=run_dir, progress=progress, identity={"experiment": to_dict(exp)})
+                   run_dir=run_dir, progress=progress, identity=training_identity(exp))
     # Training moved the model to the GPU when there is one; its 200 parameters are measured
     # and plotted (surfaces, the notebook's figures) beside the CPU data.
     model.cpu().eval()
