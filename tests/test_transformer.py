@@ -9,7 +9,7 @@ import torch
 
 from deqlib.data.wikitext import LMStream
 from deqlib.deq import DEQ, SolverSettings
-from deqlib.experiments.wikitext import LMEvalConfig, activation_memory, evaluate
+from deqlib.experiments.wikitext import LMEvalConfig, activation_memory, evaluate, future_token_leak
 from deqlib.jacobian import JacobianPenalty
 from deqlib.models.transformer import DEQTransformerLM, Memory, TransformerConfig
 from deqlib.nn import once_per_step
@@ -75,6 +75,25 @@ def test_model_hidden_state_at_t_ignores_later_tokens(mode):
     tol = 0.0 if mode == "explicit" else 1e-9
     assert (h2[:, :3] - h[:, :3]).abs().max() <= tol
     assert (h2[:, 3:] - h[:, 3:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("solver, leaks", [
+    (SolverSettings("fixed_point", 3, 1e-30), False),  # each call is causal, so is any iterate
+    (SolverSettings("anderson", 3, 1e-30), True),  # weights mixed over the segment: later tokens in
+    (SolverSettings("anderson", 100, 1e-12), False),  # at the fixed point itself: causal again
+])
+def test_future_token_leak_is_zero_only_for_a_causal_solve(solver, leaks):
+    m = _model()
+    tokens = torch.randint(0, V, (3 * 11,), generator=torch.Generator().manual_seed(4))
+    leak = future_token_leak(m, tokens, 3, 5, forward_solver=solver)
+    assert leak["nfe"] == solver.max_iter if solver.max_iter < 100 else leak["nfe"] < 100
+    if leaks:
+        assert leak["max"] > 1e-4 and 0 < leak["mean"] <= leak["max"]
+    else:
+        assert leak["max"] <= (0.0 if solver.method == "fixed_point" else 1e-9)
+    assert m.training  # put back as found
+    with pytest.raises(ValueError, match="no second segment"):
+        future_token_leak(m, tokens[:20], 3, 5)
 
 
 def test_memory_changes_the_output_and_holds_the_last_mem_len_states():

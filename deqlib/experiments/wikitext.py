@@ -20,7 +20,7 @@ from statistics import median
 import torch
 from torch import Tensor
 
-from ..config import to_dict
+from ..config import training_identity
 from ..data.wikitext import LMStream, WikiTextData, batchify, load_wikitext
 from ..deq import SolverSettings
 from ..jacobian import JacobianPenalty
@@ -29,7 +29,7 @@ from ..models.transformer import DEQTransformerLM, Memory, TransformerConfig
 from ..train import TrainConfig, pipeline_run_dir, train
 
 __all__ = ["ARMS", "LMEvalConfig", "WikiTextExperiment", "evaluate", "activation_memory",
-           "unigram_perplexity", "run_arm", "arm_settings"]
+           "unigram_perplexity", "run_arm", "arm_settings", "future_token_leak"]
 
 # name -> (pre_ln, Jacobian penalty on, explicit stack)
 ARMS = {
@@ -142,6 +142,44 @@ def evaluate(model: DEQTransformerLM, tokens: Tensor, batch_size: int, tgt_len: 
     }
 
 
+@torch.no_grad()
+def future_token_leak(model: DEQTransformerLM, tokens: Tensor, batch_size: int, tgt_len: int,
+                      forward_solver: SolverSettings | None = None, seed: int = 0) -> dict:
+    """How far the predictions before the middle of a segment move when the tokens after it
+    are replaced: 0 for a causal model.
+
+    The segment is the second of ``tokens`` batchified to ``batch_size`` streams, with the
+    first segment's memory. From position ``t = tgt_len // 2`` on, its inputs are replaced by
+    random tokens (seeded); the log-probability of each target before ``t`` is compared. The
+    attention mask is causal, but the solver's mixing weights and its best iterate are chosen
+    over each stream's whole segment, so a solve stopped before the fixed point lets later
+    tokens in.
+
+    Returns ``max`` and ``mean`` ``|delta log p|`` in nats over the ``batch_size * t``
+    positions, and the forward ``nfe`` of the unchanged segment.
+    """
+    data = batchify(tokens, batch_size)
+    if data.shape[1] < 2 * tgt_len + 1:
+        raise ValueError(f"{tokens.numel()} tokens make no second segment of tgt_len={tgt_len} "
+                         f"over batch_size={batch_size} streams")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    data = data.to(device)
+    memory = model.run(data[:, :tgt_len], data[:, 1:tgt_len + 1], forward_solver=forward_solver).memory
+    x, y = data[:, tgt_len:2 * tgt_len], data[:, tgt_len + 1:2 * tgt_len + 1]
+    t = tgt_len // 2
+    changed = x.clone()
+    gen = torch.Generator().manual_seed(seed)
+    changed[:, t:] = torch.randint(0, model.n_token, changed[:, t:].shape, generator=gen).to(device)
+    a = model.run(x, y, memory, forward_solver=forward_solver)
+    b = model.run(changed, y, memory, forward_solver=forward_solver)
+    model.train(was_training)
+    delta = (a.logprob[:, :t] - b.logprob[:, :t]).double().abs()
+    return {"max": float(delta.max()), "mean": float(delta.mean()),
+            "nfe": a.stats.forward.nfe if a.stats is not None else float("nan")}
+
+
 def activation_memory(model: DEQTransformerLM, inputs: Tensor, targets: Tensor,
                       penalty: JacobianPenalty | None = None) -> dict:
     """Bytes autograd saves for backward in one training step on ``inputs (B, L)`` with a full
@@ -192,7 +230,8 @@ def run_arm(exp: WikiTextExperiment, arm: str, data: dict, run_dir: str | Path |
     """Train and evaluate one arm on ``data`` (from :func:`deqlib.data.wikitext.load_wikitext`).
 
     Returns metrics (perplexity at the training threshold and at each NFE cap, NFEs, median
-    step time, activation memory), the per-step records and the model. ``run_dir``: where the
+    step time, activation memory, :func:`future_token_leak` at the threshold), the per-step
+    records and the model. ``run_dir``: where the
     run checkpoints and resumes from (default :func:`~deqlib.train.pipeline_run_dir`: nowhere
     outside the pipeline).
     """
@@ -203,16 +242,17 @@ def run_arm(exp: WikiTextExperiment, arm: str, data: dict, run_dir: str | Path |
     stream = LMStream(data["train"], cfg.batch_size, model_cfg.tgt_len)
     if run_dir is None:
         run_dir = pipeline_run_dir(arm)
-    result = train(model, stream, cfg, run_dir=run_dir, progress=progress, identity={"experiment": to_dict(exp)})
+    result = train(model, stream, cfg, run_dir=run_dir, progress=progress, identity=training_identity(exp))
     records = result.records
     deq_steps = [r for r in records if not r["pretrain"]]
     ev = exp.eval
     evaluation = evaluate(model, data["eval"], ev.batch_size, model_cfg.tgt_len, max_tokens=ev.max_tokens)
-    capped = {}
+    capped, leak = {}, None
     if not explicit:
         for cap in ev.nfe_caps:
             capped[cap] = evaluate(model, data["eval"], ev.batch_size, model_cfg.tgt_len,
                                    forward_solver=cfg.forward.replace(max_iter=cap), max_tokens=ev.max_tokens)
+        leak = future_token_leak(model, data["eval"], ev.batch_size, model_cfg.tgt_len, seed=cfg.seed)
     seg = batchify(data["eval"], ev.memory_batch)[:, : model_cfg.tgt_len + 1]
     mem = activation_memory(model, seg[:, :-1].contiguous(), seg[:, 1:].contiguous(),
                             cfg.jacobian if cfg.jacobian.enabled else None)
@@ -232,6 +272,7 @@ def run_arm(exp: WikiTextExperiment, arm: str, data: dict, run_dir: str | Path |
         "step_time_s": median(times),
         "memory": mem,
         "capped": {cap: {"ppl": c["ppl"], "nfe": c["nfe"]} for cap, c in capped.items()},
+        "future_token_leak": leak,  # at the training threshold; None for the explicit stack
         "records": records,
         "model": model,
     }
