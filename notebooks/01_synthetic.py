@@ -240,7 +240,7 @@ print(f"NFE non-increasing in gamma: {nfe_monotone}")
 # the validation set, though their MSE (0.17 to 0.25 in the run committed here) is 3 to 5
 # times the noise floor of 0.05, not the "perfect" fit of Figure 5. *Larger $\gamma$ flattens
 # the surface and needs fewer NFEs* did **not** hold at this configuration: $\lVert J\rVert_F$ stays
-# near 0.89 and the batch residual reaches $10^{-3}$ after 7 calls for every $\gamma$.
+# between 0.89 and 0.90 and the batch residual reaches $10^{-3}$ after 7 calls for every $\gamma$.
 #
 # Why, as far as this run shows: the targets span about $\pm 23$ while the parameters start
 # at $\mathcal N(0, 0.01^2)$. The training curves show the models reaching that range through
