@@ -209,6 +209,11 @@ class Head(nn.Module):
     Each scale is widened (1x1 conv + GN + ReLU); going from the highest resolution down, the
     running sum is halved by a stride-2 conv and added to the next scale; then a 1x1 conv to
     ``final_channels``, global average pooling and a linear layer.
+
+    Not the official head exactly: there each scale is widened by a bottleneck residual block
+    (HRNet's, BatchNorm, inner width ``head_channels / 4``). Here one 1x1 conv to the same
+    width, with GroupNorm as everywhere else in the model (4 groups do not divide the paper's
+    inner widths 14 and 28).
     """
 
     def __init__(self, cfg: MDEQConfig):
