@@ -62,6 +62,10 @@ def build(cls: type[T], data: dict | None, where: str = "") -> T:
             raise ValueError(f"{path} must be a section (a mapping of keys to values), got {path}={value!r}")
         elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
             value = tuple(value)
+        elif hints[name] is bool and not isinstance(value, bool):
+            # ``no`` and ``off`` are strings in YAML 1.2, and a non-empty string is truthy: a
+            # ``download=no`` would download.
+            raise ValueError(f"{path} must be true or false, got {path}={value!r}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -93,9 +97,24 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+# Integers as ruamel (DVC's YAML 1.2 reader) reads them: decimal (``010`` is ten, not 1.1's
+# octal eight), ``0o`` / ``0x`` / ``0b``, ``_`` as a separator; 1.1's ``1:30`` (sexagesimal
+# 90) stays a string.
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$"),
+    list("-+0123456789"))
+
+
+def _construct_int12(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    base = {"0o": 8, "0x": 16, "0b": 2}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int12)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 # YAML 1.1's float needs a dot and a signed exponent; this adds every 1.2 float with an exponent.

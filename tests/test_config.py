@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deqlib.config import PROFILES, apply_overrides, build, load_experiment, load_yaml, to_dict, training_identity
+from deqlib.config import (PROFILES, apply_overrides, build, load_experiment, load_yaml, parse_override, to_dict,
+                           training_identity)
 from deqlib.experiments.cifar import CifarExperiment
 from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
@@ -32,6 +33,17 @@ def test_yaml_floats_are_yaml_1_2_and_integers_stay_integers():
     assert load_yaml(text) == {"a": 1e-5, "b": 1e-3, "c": 1e5, "d": -2000.0, "e": 5e-3, "f": 3, "g": 1000,
                                "h": 2.5, "i": "1e"}
     assert isinstance(load_yaml("f: 3")["f"], int)
+
+
+def test_yaml_integers_are_read_as_dvc_reads_them():
+    """YAML 1.1 reads ``010`` as octal 8 and ``1:30`` as 90; ruamel (what ``dvc exp run -S``
+    reads and writes with) as 10 and a string."""
+    text = "a: 010\nb: 1:30\nc: 0o10\nd: 0x1F\ne: 0b11\nf: -3\ng: +4\nh: 0_10"
+    expected = {"a": 10, "b": "1:30", "c": 8, "d": 31, "e": 3, "f": -3, "g": 4, "h": 10}
+    assert load_yaml(text) == expected
+    from ruamel.yaml import YAML
+
+    assert dict(YAML(typ="rt").load(text)) == expected
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -157,3 +169,16 @@ def test_a_checkpoint_identity_leaves_out_only_the_evaluation_settings():
     assert training_identity(evaluated) == training_identity(base)
     assert training_identity(trained) != training_identity(base)
     assert training_identity(resampled) != training_identity(base)
+
+
+@pytest.mark.parametrize("key, value", [("data.download", "no"), ("data.augment", "off"),
+                                        ("model.weight_norm", 0)])
+def test_a_switch_must_be_true_or_false(key, value):
+    """``no`` and ``off`` are strings in YAML 1.2 (as ``dvc exp run -S`` writes them), and a
+    string is truthy: ``--set data.download=no`` would have downloaded."""
+    assert parse_override(f"{key}={value}")[1] == value  # not read as a boolean
+    with pytest.raises(ValueError, match=rf"x\.{key} must be true or false, got x\.{key}={value!r}"):
+        build(CifarExperiment, apply_overrides({}, {key: value}), "x")
+    cfg = build(CifarExperiment, apply_overrides({}, {key: False}), "x")
+    section, field = key.split(".")
+    assert getattr(getattr(cfg, section), field) is False
