@@ -56,12 +56,15 @@ class BufferPool:
             self._free.clear()
 
     def _take(self, numel: int, dtype: torch.dtype) -> Tensor | None:
-        """The smallest kept buffer of ``dtype`` with at least ``numel`` elements, removed."""
+        """A kept buffer of ``dtype`` with exactly ``numel`` elements, removed (the one given
+        back last). Exactly: a larger one would make a solve hold, and PeakMemory count, the
+        size of whatever ran before it (a training loop repeats its sizes anyway)."""
         with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel]
-            if not fits:
-                return None
-            return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+            for i in range(len(self._free) - 1, -1, -1):
+                b = self._free[i]
+                if b.dtype == dtype and b.numel() == numel:
+                    return self._free.pop(i)
+            return None
 
     def _give(self, buffers: list[Tensor]) -> None:
         with self._lock:
@@ -85,8 +88,8 @@ class BufferPool:
             if base is None:
                 base = like.new_empty(numel)
             lent.append(base)
-            # A slice, not ``base`` itself: an operation's output is what PeakMemory counts.
-            return base[:numel].view(shape)
+            # A view, not ``base`` itself: an operation's output is what PeakMemory counts.
+            return base.view(shape)
 
         try:
             yield empty

@@ -67,6 +67,22 @@ def test_peak_memory_counts_a_reused_history(method):
     assert peaks[1] == peaks[0], peaks
 
 
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_measured_memory_does_not_depend_on_what_ran_before(method):
+    """A bigger solve's buffers, given back, must not be lent to a smaller one: it would hold
+    (and PeakMemory count) their whole size."""
+    def peak(batch):
+        x = torch.randn(batch, D, generator=torch.Generator().manual_seed(1))
+        with PeakMemory() as pm:
+            solve(lambda z: 0.6 * torch.tanh(z) + x, torch.zeros(batch, D), method=method, tol=1e-6, max_iter=40)
+        return pm.peak
+
+    alone = peak(B)
+    release_buffers()
+    peak(4 * B)  # its history goes back to the pool, the only buffers there
+    assert peak(B) == alone
+
+
 def test_pool_keeps_at_most_its_bound_and_reuses_same_sizes():
     pool = BufferPool(max_free_bytes=3 * B * D * 4)
     like = torch.zeros(1)
