@@ -77,6 +77,9 @@ class SolverResult:
     reason: str = ""
 
 
+_HALF = (torch.float16, torch.bfloat16)  # states whose norms and dots are taken in float32
+
+
 class _Tracker:
     """Residual bookkeeping shared by all methods; states are ``(B, D)``.
 
@@ -104,9 +107,12 @@ class _Tracker:
         """Record one evaluation ``fz = f(z)`` with residual ``g = fz - z``; return True when
         the solve should stop."""
         self.nfe += 1
-        abs_res = torch.linalg.vector_norm(g, dim=1)
+        # 16-bit states are measured in float32: their norms overflow past 65504 (a relative
+        # residual of 0, "converged") and the floor below rounds to 0 (0/0 at f(z) = 0).
+        acc = torch.float32 if g.dtype in _HALF else None
+        abs_res = torch.linalg.vector_norm(g, dim=1, dtype=acc)
         # The tiny floor keeps rel finite at f(z) = 0 without changing any realistic value.
-        rel_res = abs_res / (torch.linalg.vector_norm(fz, dim=1) + 1e-12)
+        rel_res = abs_res / (torch.linalg.vector_norm(fz, dim=1, dtype=acc) + 1e-12)
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         crit = rel_res if self.use_rel else abs_res
@@ -120,8 +126,10 @@ class _Tracker:
             self.best_crit = torch.fmin(crit, self.best_crit)
         # Per sample: improved, finite, below tol, within the divergence limit. Counting them
         # over samples gives every decision (all: count B, any: count > 0) in one transfer.
+        # "Not above" the limit, not "<=": a limit of inf * 0 (diverge_factor=inf, a sample
+        # starting at its fixed point) is NaN and must not read as growth.
         counts = torch.stack([improved, crit < math.inf, self.best_crit < self.tol,
-                              abs_res <= self.limit]).sum(dim=1).tolist()
+                              ~(abs_res > self.limit)]).sum(dim=1).tolist()
         B = crit.shape[0]
         n_improved = counts[0]
         all_finite, all_below, none_grew = (c == B for c in counts[1:])
@@ -180,7 +188,11 @@ FlatMap = Callable[[Tensor], Tensor]
 # weights. Both are written as (row vector) x (matrix) products: on CPU, bmm(H, v[..., None])
 # (a long reduction per output) ran ~8x slower than bmm(v[:, None], H^T) on the same data.
 def _dots(H: Tensor, v: Tensor) -> Tensor:
-    """``<H_i, v>`` per sample: ``(B, n)``."""
+    """``<H_i, v>`` per sample: ``(B, n)``. 16-bit states are multiplied in float32 (a copy of
+    ``H``): in float16 ``<g, g>`` overflows once ``||g|| > 256``, and the inf stalls Anderson
+    (plain steps) and turns Broyden's update into NaN."""
+    if v.dtype in _HALF:
+        H, v = H.float(), v.float()
     return torch.bmm(v.unsqueeze(1), H.transpose(1, 2)).squeeze(1)
 
 

@@ -301,3 +301,46 @@ def test_mixing_weights_are_made_contiguous_in_the_state_dtype(dtype):
     torch.testing.assert_close(c, col_major.to(dtype), rtol=0, atol=0)
     expected = torch.einsum("bn,bnd->bd", col_major.double(), H.double()).to(dtype)
     torch.testing.assert_close(_combine(c, H), expected)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_half_precision_residuals_are_measured_in_float32(method):
+    """In float16 ||f(z)|| overflows past 65504 (relative residual 0: a false "converged") and
+    the floor of the relative residual rounds to 0 (0/0 at f(z) = 0: a false "diverged")."""
+    at_zero = solve(lambda z: 0.5 * z, torch.zeros(2, 64, dtype=torch.float16), method=method, tol=1e-3)
+    assert at_zero.status == "converged" and at_zero.nfe == 1 and float(at_zero.rel_residual.max()) == 0.0
+    z0 = torch.full((1, 2**16), 250.0, dtype=torch.float16)  # f = 300: ||f|| = 76800 > 65504
+    far = solve(lambda z: torch.full_like(z, 300.0), z0, method=method, max_iter=1, tol=1e-3)
+    assert far.status == "max_iter"
+    assert float(far.rel_trace[0, 0]) == pytest.approx(50 / 300, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_half_precision_history_products_do_not_overflow(method):
+    """Residuals of norm ~450: <g, g> ~ 2e5 is inf in float16; Anderson fell back to plain
+    steps and Broyden's update went NaN. With float32 products both converge about as fast as
+    in float32."""
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(512, 512, generator=gen))
+    A = (Q * torch.linspace(0.5, 0.97, 512)) @ Q.T  # symmetric, eigenvalues 0.5 to 0.97
+    x = torch.randn(2, 512, generator=gen) * 20
+
+    def f(z):
+        return (z.float() @ A.T + x).to(z.dtype)
+
+    ref = solve(f, torch.zeros(2, 512), method=method, max_iter=100, tol=3e-3)
+    half = solve(f, torch.zeros(2, 512, dtype=torch.float16), method=method, max_iter=100, tol=3e-3)
+    assert ref.status == half.status == "converged", half.reason
+    assert half.nfe <= ref.nfe + 3
+
+
+def test_divergence_check_off_with_an_infinite_factor():
+    """diverge_factor=inf switches the check off; a sample starting at its fixed point (limit
+    inf * 0 = NaN) made every solve stop at call 1 as "diverged"."""
+    x = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z0 = torch.zeros_like(x)
+    z0[0] = 2 * x[0]  # f(2x) = x + x = 2x exactly: a residual of exactly 0
+    res = solve(lambda z: 0.5 * z + x, z0, method="anderson", tol=1e-10, max_iter=100,
+                diverge_factor=math.inf)
+    assert res.status == "converged", res.reason
+    torch.testing.assert_close(res.z, 2 * x)
