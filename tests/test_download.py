@@ -1,8 +1,12 @@
-"""deqlib.data.download: atomic, checksummed, clear errors; tested on local files only."""
+"""deqlib.data.download: atomic, checksummed, clear errors; tested on local files and a
+server on this machine only."""
 
 import hashlib
 import io
+import re
+import socket
 import tarfile
+import threading
 
 import pytest
 
@@ -70,3 +74,27 @@ def test_data_root_from_parameter_or_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
     assert data_root("") == tmp_path / "env"
     assert data_root(str(tmp_path)) == tmp_path
+
+
+def test_a_connection_cut_mid_body_is_a_download_error_and_leaves_nothing(tmp_path):
+    """http.client.IncompleteRead is neither URLError nor OSError: it escaped download(), so a
+    caller never tried its next mirror, and the message named no URL."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():  # a chunked reply that promises 256 bytes and sends 10
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100\r\n" + b"x" * 10)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/file.bin"
+    dest = tmp_path / "file.bin"
+    try:
+        with pytest.raises(DownloadError, match=rf"could not download {re.escape(url)} .*IncompleteRead"):
+            download(url, dest, "0" * 64)
+    finally:
+        srv.close()
+    assert list(tmp_path.iterdir()) == []

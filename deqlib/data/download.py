@@ -11,6 +11,7 @@ Where data lives is configuration: :func:`data_root` reads an explicit parameter
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -80,7 +81,9 @@ def download(url: str, dest: str | os.PathLike, checksum: str, algorithm: str = 
             request = urllib.request.Request(url, headers=dict(headers or {}))
             with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:
                 shutil.copyfileobj(resp, out, 1 << 20)
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            # HTTPException: a connection cut mid-body (IncompleteRead) must fail over to the
+            # next mirror like any other network error.
             raise DownloadError(f"could not download {url} ({err}); with no network, place the "
                                 f"file at {dest} by hand") from err
         got = file_digest(tmp, algorithm)
