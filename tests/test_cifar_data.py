@@ -140,5 +140,36 @@ def test_loader_refuses_pickles_that_are_not_arrays(tmp_path):
     evil = pickle.dumps({"labels": [0], "data": print}, protocol=2)  # a global outside numpy
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         (folder / name).write_bytes(evil)
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load .*print"):
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR-10 python pickle .*refusing to load .*print"):
+        load_cifar10(tmp_path, download_missing=False)
+
+
+def _good_batch(n=2, **change):
+    """A batch pickle as the official files hold it (bytes keys); ``change`` replaces or, with
+    None, drops an entry."""
+    d = {"labels": [1] * n, "data": np.zeros((n, 3072), dtype=np.uint8), **change}
+    return pickle.dumps({k.encode(): v for k, v in d.items() if v is not None}, protocol=2)
+
+
+@pytest.mark.parametrize("blob, message", [
+    (_good_batch()[:40], r"data_batch_3 is not a CIFAR-10 python pickle \(EOFError|UnpicklingError"),
+    (_good_batch(labels=None), r"data_batch_3 has no \['labels'\]"),
+    (_good_batch(data=np.full((2, 3072), 300, dtype=np.int64)), r"data_batch_3: pixel data is torch.int64"),
+    (_good_batch(data=np.full((2, 3072), 0.5)), r"data_batch_3: pixel data is torch.float64"),
+    (pickle.dumps([1, 2], protocol=2), r"data_batch_3 holds a list"),
+], ids=["truncated", "no_labels", "int64_pixels", "float_pixels", "not_a_dict"])
+def test_a_bad_batch_file_is_named(tmp_path, blob, message):
+    """Not a raw KeyError or EOFError, and no silent cast (300 wrapped to 44, 0.5 floored)."""
+    folder = tmp_path / CIFAR_FOLDER
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(_good_batch())
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c"] * 10}, protocol=2))
+    assert load_cifar10(tmp_path, download_missing=False).train_x.shape == (10, 3, 32, 32)
+    (folder / "data_batch_3").write_bytes(blob)
+    with pytest.raises(ValueError, match=message):
+        load_cifar10(tmp_path, download_missing=False)
+    (folder / "data_batch_3").write_bytes(_good_batch())
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"classes": []}, protocol=2))
+    with pytest.raises(ValueError, match=r"batches.meta has no \['label_names'\]"):
         load_cifar10(tmp_path, download_missing=False)

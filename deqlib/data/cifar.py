@@ -106,17 +106,30 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_pickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        raw = _ArrayUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+def _read_pickle(path: Path, keys: tuple[str, ...]) -> dict:
+    """The dict pickled in ``path``; ValueError naming the file if it is not one holding
+    ``keys`` (truncated, another format, a class it may not load)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = _ArrayUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not a CIFAR-10 python pickle ({type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a CIFAR-10 batch dict")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise ValueError(f"{path} has no {missing} (keys: {sorted(map(str, d))})")
+    return d
 
 
 def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
     """One batch file -> ``(uint8 (n, 3, 32, 32), int64 (n,))`` with ``n = len(labels)``."""
-    d = _read_pickle(path)
+    d = _read_pickle(path, ("data", "labels"))
     labels = torch.tensor(list(d["labels"]), dtype=torch.int64)
-    data = torch.as_tensor(d["data"]).to(torch.uint8)
+    data = torch.as_tensor(d["data"])
+    if data.dtype != torch.uint8:  # a cast would wrap 300 to 44 and floor 0.5 to 0
+        raise ValueError(f"{path}: pixel data is {data.dtype}, expected uint8 (0..255)")
     n = len(labels)
     if data.shape != (n, 3072):
         raise ValueError(f"{path}: data has shape {tuple(data.shape)}, expected ({n}, 3072) for its "
@@ -152,7 +165,7 @@ def load_cifar10(
         raise FileNotFoundError(f"{folder} lacks {missing}: not the CIFAR-10 python layout")
     parts = [_read_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = _read_batch(folder / TEST_FILE)
-    meta = _read_pickle(folder / "batches.meta")
+    meta = _read_pickle(folder / "batches.meta", ("label_names",))
     classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in meta["label_names"])
     train_y = torch.cat([p[1] for p in parts])
     for name, y in (("train", train_y), ("test", test_y)):
