@@ -278,7 +278,7 @@ plt.show()
 # Per problem, the deqlib method to use, from NFE only (deterministic): among the methods
 # that converged forward *and* backward, the one with the fewest calls in all, but an
 # accelerated method only where it saves at least 1.3x the calls of plain iteration. The
-# threshold is the cost of an Anderson or Broyden iteration measured above, about 1.15-1.35
+# threshold is the cost of an Anderson or Broyden iteration measured above, about 1.1-1.35
 # calls of $f$ at CIFAR size (plain iteration: about 1.0-1.15); a smaller saving does not pay
 # for it. The cell after the table checks, with this run's timings, that the fastest
 # converged method agrees.
@@ -320,9 +320,9 @@ print(f"notebook wall time: {time.perf_counter() - t_notebook:.0f} s")
 #
 # The call counts, convergence flags and gradient errors above are deterministic; the times
 # quoted here are those of the committed small-profile run (2 CPU cores; one call of the conv
-# map 5.9-6.6 ms, of the MDEQ map 4.5-4.8 ms, of the Transformer layer 0.8-1.0 ms) and move by
-# some percent between runs (this run flagged the hard synthetic map's timings as unreliable:
-# one call of $f$ took 0.66x its time before its runs).
+# map 6.0-6.8 ms, of the MDEQ map 3.5-4.4 ms, of the Transformer layer 0.8 ms) and move by
+# some percent between runs, more on a shared machine (after each problem's runs one call of
+# $f$ took 0.87-1.08x its time before them).
 #
 # **Which solver.**
 #
@@ -331,8 +331,8 @@ print(f"notebook wall time: {time.perf_counter() - t_notebook:.0f} s")
 # | tiny map (synthetic, one call 0.03 ms), plain or hard | Broyden | 7 + 3 calls (forward + backward) against 76 and 247 for plain iteration; fastest in wall time too, since on a tiny map the solver's own work per iteration is what costs |
 # | conv map, $\rho \approx 0.7$ | plain iteration | Anderson and Broyden save only 1.1x the calls on this strongly nonlinear map (GroupNorm, ReLU), less than the 1.2-1.3x a call that each of their iterations costs |
 # | conv map, $\rho \approx 0.9$ | Anderson | 1.7x fewer calls than plain iteration (138 against 233) and the fastest; Broyden takes a few more calls (152) |
-# | MDEQ map, $\rho \approx 0.85$ and $0.97$ | Anderson | 2.5x and 5.4x fewer calls than plain iteration (21 against 52, 58 against 311); Broyden is close (23 and 59 calls; 311 against 292 ms on the hard map in this run) |
-# | Transformer layer, $\rho \approx 0.83$ | Anderson or Broyden | both 17 calls against 48; Broyden's were the faster in this run (20.7 against 22.1 ms) |
+# | MDEQ map, $\rho \approx 0.85$ and $0.97$ | Anderson | 2.5x and 5.4x fewer calls than plain iteration (21 against 52, 58 against 311); Broyden is close (23 and 59 calls; 321 against 257 ms on the hard map in this run) |
+# | Transformer layer, $\rho \approx 0.83$ | Anderson or Broyden | both 17 calls against 48, and the same time in this run (20.5 ms) |
 # | Transformer layer, $\rho \approx 0.98$ | Anderson | 45 calls against 244; deqlib's Broyden needs 120 forward calls here (torchdeq's 71): its window of 20 updates restarts from $-I$ and loses what it learned, which on this map costs more than on the others. How many it needs is fragile: rounding its float64 scalars differently moved it between 106 and 120 |
 #
 # On the real maps the accelerated methods pay off far more than on the conv stand-in
@@ -340,17 +340,20 @@ print(f"notebook wall time: {time.perf_counter() - t_notebook:.0f} s")
 #
 # **What the machinery costs.** On the conv map (whose call costs 5 ms or more here, so the
 # overhead targets apply to it) deqlib's plain iteration costs
-# 0.97-1.14 calls of $f$ per call, **meeting** the 1.15 target; Anderson 1.16-1.27 **misses**
-# its 1.15 (1.25-1.32 in the run before the mixing weights were made row-major, see
-# `deqlib.solvers._weights_like`), and Broyden 1.29-1.34 meets its 1.30 in two of four solves
-# (each of their iterations makes two passes over a history of 2 MB states). The MDEQ map's
-# backward step took 5.03 ms, just over the line, so its backward counts too: plain 1.05 and
-# Broyden 1.25 meet, Anderson 1.28 misses. On the cheaper MDEQ and Transformer solves (exempt) the same
-# ratios are 0.90-1.21 (plain) and 1.05-1.59 (Anderson, Broyden; the Transformer layer's call
-# is under 1 ms, and the solver's few dozen small operations per iteration weigh more there).
+# 0.97-1.15 calls of $f$ per call, **meeting** the 1.15 target; Anderson 1.12-1.30 **meets**
+# its 1.15 on the hard conv map and **misses** it on the plain one, and Broyden 1.25-1.35
+# meets its 1.30 in three of four solves (each of their iterations makes two passes over a
+# history of 2 MB states). The MDEQ maps' calls took 3.4-5.0 ms in this run, under the line.
+# On those and the Transformer solves (exempt) the same ratios are 1.06-1.20 (plain) and
+# 0.91-1.54 (Anderson, Broyden; the Transformer layer's call is under 1 ms, and the solver's
+# few dozen small operations per iteration weigh more there), but for one outlier: the easy
+# MDEQ map's Anderson forward at 1.93, 82 ms for the 12 calls that torchdeq's Anderson made
+# in 49 ms (the two previous runs of this notebook put it at 1.16 and 1.24).
 # Extra memory does not depend on `max_iter`: on the conv map 4-6 MB for plain iteration,
-# 24-26 MB for Anderson, 50-54 MB for Broyden; torchdeq's Broyden preallocates `max_iter` =
-# 200 history terms (818 MB there) and costs 7.1-17.7 calls of $f$ per call.
+# 24-26 MB for Anderson, 50-54 MB for Broyden, and on the MDEQ map 2.6-2.8 MB for Anderson and
+# 5.8-6.0 MB for Broyden (torchdeq: 4.2-4.4 and 89 MB). torchdeq's Broyden preallocates
+# `max_iter` = 200 history terms (818 MB on the conv map) and costs 7.8-17.0 calls of $f$ per
+# call there.
 #
 # **Against torchdeq.** deqlib converged in every solve where torchdeq converged (46 of 46);
 # torchdeq's Anderson did not converge in one where deqlib's did (synthetic_hard backward:
@@ -359,12 +362,13 @@ print(f"notebook wall time: {time.perf_counter() - t_notebook:.0f} s")
 # steps (135 calls against 4 on the plain synthetic backward). On the larger states the same
 # $\lambda$ is negligible and both Andersons take the same calls (conv, MDEQ) or deqlib's a
 # few fewer (Transformer: 45 against 56 on the hard one). Geometric mean over the eight
-# problems of deqlib's forward time over torchdeq's: plain iteration **0.82** (target
-# $\le 0.8$, missed by a hair), Anderson **0.72** (target $\le 0.5$, missed), Broyden **0.47**
-# (target $\le 0.2$, missed); backward 0.85, 0.38 and 0.49. Where both take the same calls
-# the ratio is the ratio of overheads: for Anderson 1.16-1.27 against 1.48-1.66 on the conv
-# maps, 1.05-1.28 against 1.17-1.30 on the MDEQ maps. torchdeq's Broyden is slow where its history is large
-# (conv: ratios 0.18 and 0.07) but not on the small states, where both Broydens cost about
+# problems of deqlib's forward time over torchdeq's: plain iteration **0.85** (target
+# $\le 0.8$, missed), Anderson **0.78** (target $\le 0.5$, missed), Broyden **0.47**
+# (target $\le 0.2$, missed); backward 0.92, 0.35 and 0.48. Where both take the same calls
+# the ratio is the ratio of overheads: for Anderson 1.12-1.30 against 1.56-1.65 on the conv
+# maps, 0.91-1.21 against 1.15-1.23 on the MDEQ maps (the outlier above aside). torchdeq's
+# Broyden is slow where its history is large
+# (conv: ratios 0.16 and 0.08) but not on the small states, where both Broydens cost about
 # the same. The
 # targets assumed torchdeq's regularizer and preallocation would dominate everywhere; on most
 # of these problems they do not.
