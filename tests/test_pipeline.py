@@ -57,6 +57,10 @@ def test_paper_profile_starts_and_trains_on_cpu(experiment, tmp_path):
     for declared in _declared_outputs(experiment):
         assert (tmp_path / declared).exists(), f"dvc.yaml declares outputs/{experiment}/{declared}; not written"
     assert not (tmp_path / "checkpoints").exists(), "a finished run leaves no checkpoints behind"
+    # every plot's x, y and the fields its template draws by (an arm per line) are columns
+    for name, fields in _plot_fields(experiment).items():
+        header = (tmp_path / name).read_text().splitlines()[0].split(",")
+        assert fields <= set(header), f"{name}: the plot needs {sorted(fields - set(header))}"
 
 
 def test_a_killed_pipeline_run_resumes_its_finished_arms(tmp_path, monkeypatch):
@@ -94,6 +98,25 @@ def _declared_outputs(experiment: str) -> list[str]:
     prefix = f"outputs/{experiment}/"
     assert paths and all(p.startswith(prefix) for p in paths), paths
     return [p[len(prefix):] for p in paths]
+
+
+def _plot_fields(experiment: str) -> dict[str, set[str]]:
+    """For each plot of the stage: the CSV columns it draws (x, y, and the fields of its
+    template's encoding other than DVC's own ``rev``)."""
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][experiment]
+    out = {}
+    for item in stage.get("plots", []):
+        (path, props), = item.items()
+        fields = {props["x"], props["y"]}
+        template = json.loads((ROOT / props["template"]).read_text())
+        for enc in template["encoding"].values():
+            if isinstance(enc, dict) and not enc.get("field", "<").startswith("<"):
+                fields.add(enc["field"])
+        out[path.split("/", 2)[2]] = fields - {"rev"}
+    assert out, f"stage {experiment} declares no plots"
+    return out
 
 
 def test_a_relative_data_root_is_made_absolute_for_the_kernel(tmp_path, monkeypatch):
