@@ -3,6 +3,7 @@ server on this machine only."""
 
 import hashlib
 import io
+import os
 import re
 import socket
 import tarfile
@@ -98,3 +99,21 @@ def test_a_connection_cut_mid_body_is_a_download_error_and_leaves_nothing(tmp_pa
     finally:
         srv.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_killed_download_left_is_removed_and_a_running_one_kept(tmp_path):
+    """A kill skips the clean-up: its ``.partial-<pid>`` file stayed forever, one per kill."""
+    import subprocess
+    import sys
+
+    src, digest = _payload(tmp_path)
+    dest = tmp_path / "data" / "file.bin"
+    dest.parent.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    abandoned = dest.with_name(f"file.bin.partial-{int(dead.stdout)}")
+    running = dest.with_name(f"file.bin.partial-{os.getppid()}")  # a live process: a concurrent download
+    for part in (abandoned, running):
+        part.write_bytes(b"half")
+    assert download(src.as_uri(), dest, digest) == dest
+    assert not abandoned.exists() and running.exists()

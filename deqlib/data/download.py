@@ -56,6 +56,22 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def _remove_abandoned_partials(dest: Path) -> None:
+    """Delete ``dest.partial-<pid>`` files whose process is gone: what a killed download left
+    (a data set's worth each). One of a live process (a download running beside this one) is
+    kept."""
+    for part in dest.parent.glob(f"{dest.name}.partial-*"):
+        pid = part.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or not a pid: leave it
+
+
 def download(url: str, dest: str | os.PathLike, checksum: str, algorithm: str = "sha256",
              timeout: float = 60.0, headers: dict[str, str] | None = None) -> Path:
     """Download ``url`` to ``dest`` unless a file with the right checksum is already there.
@@ -75,6 +91,7 @@ def download(url: str, dest: str | os.PathLike, checksum: str, algorithm: str = 
         raise DownloadError(f"{dest} exists but its {algorithm} is {got}, expected {checksum}; "
                             "delete it to download again")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_partials(dest)
     tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
     try:
         try:
