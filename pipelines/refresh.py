@@ -19,10 +19,13 @@ def refresh(source: Path) -> Path:
     import jupytext
     from nbclient import NotebookClient
 
+    from pipelines.run import absolute_data_env
+
     source = source.resolve()
     nb = jupytext.read(source)
-    NotebookClient(nb, kernel_name="python3", timeout=1800,
-                   resources={"metadata": {"path": str(source.parent)}}).execute()
+    with absolute_data_env():  # the kernel runs in notebooks/, as in pipelines.run
+        NotebookClient(nb, kernel_name="python3", timeout=1800,
+                       resources={"metadata": {"path": str(source.parent)}}).execute()
     target = source.with_suffix(".ipynb")
     jupytext.write(nb, target, fmt="ipynb")
     return target

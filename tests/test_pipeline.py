@@ -135,6 +135,31 @@ def test_a_relative_data_root_is_made_absolute_for_the_kernel(tmp_path, monkeypa
         assert DATA_ENV not in os.environ
 
 
+def test_refresh_gives_the_kernel_an_absolute_data_env(tmp_path, monkeypatch):
+    """pipelines.refresh runs the kernel in the notebook's folder too: the same rule."""
+    import nbclient
+
+    from pipelines.refresh import refresh
+
+    seen = {}
+
+    class Client:  # stands in for the kernel: what would its environment hold?
+        def __init__(self, nb, **kwargs):
+            pass
+
+        def execute(self):
+            seen["data"] = os.environ.get(DATA_ENV)
+
+    monkeypatch.setattr(nbclient, "NotebookClient", Client)
+    (tmp_path / "nb").mkdir()
+    source = tmp_path / "nb" / "x.py"
+    source.write_text("# %%\n1 + 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DATA_ENV, "mydata")
+    assert refresh(source) == source.with_suffix(".ipynb") and source.with_suffix(".ipynb").exists()
+    assert seen["data"] == str(tmp_path / "mydata") and os.environ[DATA_ENV] == "mydata"
+
+
 def test_runner_rejects_a_bad_override(tmp_path):
     with pytest.raises(Exception, match="max_step"):
         run("synthetic", profile="small", overrides={"train.max_step": 3}, out=tmp_path)
