@@ -99,6 +99,7 @@ class _Tracker:
         self.best_z: Tensor | None = None
         self.best_fz: Tensor | None = None
         self.best_crit: Tensor | None = None
+        self.start: Tensor | None = None  # the first z, which may be a view of the caller's z0
         self.limit: Tensor | None = None  # (B,) absolute residual above which a sample diverged
         self.status = "max_iter"
         self.reason = ""
@@ -117,6 +118,7 @@ class _Tracker:
         self.rel_trace.append(rel_res)
         crit = rel_res if self.use_rel else abs_res
         if self.best_z is None:
+            self.start = z
             self.limit = self.diverge_factor * abs_res
             # fmin takes the finite side, so a NaN start leaves the best criterion at inf.
             self.best_crit = torch.fmin(crit, torch.full_like(crit, math.inf))
@@ -166,8 +168,11 @@ class _Tracker:
         abs_res = abs_trace.gather(0, idx).squeeze(0)
         rel_res = rel_trace.gather(0, idx).squeeze(0)
         converged = (rel_res if self.use_rel else abs_res) < self.tol
+        # The start itself as the best iterate: a copy, or the result would change with the
+        # caller's z0 (a warm-start buffer updated in place, say).
+        best_z = self.best_z.clone() if self.best_z is self.start else self.best_z
         return SolverResult(
-            z=self.best_z.reshape(shape),
+            z=best_z.reshape(shape),
             fz=self.best_fz.reshape(shape),
             nfe=self.nfe,
             abs_residual=abs_res,

@@ -344,3 +344,14 @@ def test_divergence_check_off_with_an_infinite_factor():
                 diverge_factor=math.inf)
     assert res.status == "converged", res.reason
     torch.testing.assert_close(res.z, 2 * x)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_result_never_shares_memory_with_the_start(method):
+    """When the start is the best iterate, the result must not be a view of the caller's z0."""
+    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z0 = 2 * x  # the exact fixed point of 0.5 z + x
+    res = solve(lambda z: 0.5 * z + x, z0, method=method, tol=1e-6)
+    assert res.status == "converged" and res.nfe == 1
+    z0.zero_()  # the caller reuses its buffer
+    torch.testing.assert_close(res.z, 2 * x)
