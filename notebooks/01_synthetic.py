@@ -238,7 +238,7 @@ print(f"NFE non-increasing in gamma: {nfe_monotone}")
 # %% [markdown]
 # **Conclusion.** *Every $\gamma$ fits* held: all four models reach $R^2 \ge 0.998$ on
 # the validation set, though their MSE (0.17 to 0.25 in the run committed here) is 3 to 5
-# times the noise floor of 0.05, not the "perfect" fit of Figure 5. *Larger $\gamma$ flattens
+# times the noise floor of 0.05, a looser fit than Figure 5 shows. *Larger $\gamma$ flattens
 # the surface and needs fewer NFEs* did **not** hold at this configuration: $\lVert J\rVert_F$ stays
 # between 0.89 and 0.90 and the batch residual reaches $10^{-3}$ after 7 calls for every $\gamma$.
 #

@@ -320,7 +320,7 @@ if "explicit" in arms:
 #   (+2-4%). The penalized models settle on a layer that depends little on $z$ (their perplexity
 #   barely moves between 2 and 12 calls), i.e. a shallower network. The paper's
 #   $\gamma = 1.6 \to 2.5$ and $p = 0.35$ are used unchanged; whether a longer run closes the
-#   gap, as the paper's 300K steps evidently do, this budget cannot say.
+#   gap, as the paper's 23 epochs (300K steps in the official script) evidently do, this budget cannot say.
 # - *Training is faster with the penalty* — **held in direction, weakly.** In the run
 #   committed here the penalized arms take 1.05x (Post-LN) and 1.27x (Pre-LN) the time of a
 #   step of the 6-layer explicit stack, against 1.75x without the penalty (paper, relative to
@@ -331,7 +331,7 @@ if "explicit" in arms:
 #   batch 15 ($z^\star$ and $f(z^\star)$, which the implicit backward keeps, included), 20% of the
 #   6-layer stack's 20.3 MB, and this does not grow with the number of calls. The penalty
 #   adds 81% to the layer's saved bytes (37% with embedding and softmax),
-#   more than the paper's +25%, which is a GPU's peak for the whole step of a much larger model.
+#   more than the paper's +25%, reported for a much larger model on a GPU (how it was measured is not stated).
 # - *A DEQ language model is causal* — **only at its fixed point.** With the solve stopped at
 #   the threshold, replacing the second half of a segment moves the log-probabilities in its
 #   first half by up to 0.015 nats (mean 0.0012) in the unregularized Post-LN model, whose

@@ -20,7 +20,7 @@
 # needs about 17 function evaluations (NFE) per forward solve; stopping its solver at 6 NFE
 # drops it to 89.1%. Trained with Jacobian regularization (JR), the same model reaches 93.1%
 # at 6 NFE, on par with a ResNet-18 (93.0%), and keeps most of its accuracy even at 1-3 NFE
-# (Table 3: 82-86% at NFE 1, 90-92% at NFE 2).
+# (Table 3: 82-86% at NFE 1, 89.6-91.5% at NFE 2).
 #
 # **Setup** (Table 4, CIFAR-10 column). The equilibrium state is one feature map per scale.
 # One application of $f_\theta$ runs a residual block on every scale (3x3 conv widening 5x,
