@@ -49,6 +49,11 @@ class _WeightNorm:
     def __call__(self, module: nn.Module, inputs: object) -> None:
         setattr(module, self.name, self.cached if self.cached is not None else self.compute(module))
 
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) made inside ``once_per_step`` must not take the step's
+        # weight along: it is no graph leaf, and the copy's hook would keep it for good.
+        return {**self.__dict__, "cached": None}
+
 
 class _DetachWeight:
     """Forward hook that leaves ``module.<name>`` detached once the call is over: a plain
@@ -85,7 +90,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
     module.register_parameter(name + "_v", nn.Parameter(weight.detach().clone()))
     setattr(module, name, hook.compute(module).detach())  # a plain attribute until the first call
     module.register_forward_pre_hook(hook)
-    module.register_forward_hook(_DetachWeight(name))
+    module.register_forward_hook(_DetachWeight(name), always_call=True)  # a failed call too
     return module
 
 
@@ -127,7 +132,7 @@ class VariationalDropout(nn.Module):
         self.p = float(p)
         self.shared_dims = None if shared_dims is None else tuple(int(d) for d in shared_dims)
         self._locked = False
-        self._mask: Tensor | None = None
+        self._masks: dict[tuple, Tensor] = {}  # inside once_per_step: one per input shape, dtype, device
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared_dims={self.shared_dims}"
@@ -143,11 +148,13 @@ class VariationalDropout(nn.Module):
             return x
         if not self._locked:
             return x * self._draw(x)
-        if self._mask is None or self._mask.device != x.device or self._mask.dim() != x.dim() or any(
-            m not in (1, n) for m, n in zip(self._mask.shape, x.shape)
-        ):
-            self._mask = self._draw(x)
-        return x * self._mask
+        # Keyed by the whole input shape: a mask drawn for batch 1 must not broadcast over a
+        # batch of 4 (one mask for every sample), and 4 -> 3 -> 4 in one step gets its first back.
+        key = (tuple(x.shape), x.dtype, x.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = self._draw(x)
+        return x * mask
 
 
 @contextmanager
@@ -163,7 +170,7 @@ def once_per_step(module: nn.Module) -> Iterator[None]:
                 hook.cached = hook.compute(m)
                 hooks.append(hook)
         if isinstance(m, VariationalDropout) and not m._locked:
-            m._locked, m._mask = True, None
+            m._locked, m._masks = True, {}
             drops.append(m)
     try:
         yield
@@ -171,7 +178,7 @@ def once_per_step(module: nn.Module) -> Iterator[None]:
         for hook in hooks:
             hook.cached = None
         for m in drops:
-            m._locked, m._mask = False, None
+            m._locked, m._masks = False, {}
 
 
 def group_norm(channels: int, groups: int, affine: bool = True) -> nn.GroupNorm:

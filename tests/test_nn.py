@@ -128,3 +128,39 @@ def test_deq_with_dropout_converges_only_when_mask_locked():
 def test_group_norm_rejects_bad_groups():
     with pytest.raises(ValueError, match="groups=3 does not divide channels=8"):
         group_norm(8, 3)
+
+
+def test_a_locked_mask_belongs_to_one_input_shape():
+    """A mask drawn for batch 1 was broadcast over a later batch of 4 in the same step (every
+    sample the same mask); and 4 -> 3 -> 4 drew the batch-4 mask anew."""
+    torch.manual_seed(0)
+    drop = VariationalDropout(0.5).train()
+    x1, x4, x3 = torch.ones(1, 64, 2), torch.ones(4, 64, 2), torch.ones(3, 64, 2)
+    with once_per_step(drop):
+        drop(x1)
+        a = drop(x4)
+        drop(x3)
+        b = drop(x4)
+        c = drop(x4.double())
+    assert not all(torch.equal(a[0], a[i]) for i in range(1, 4)), "one mask for every sample"
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the step's batch-4 mask, kept
+    assert c.dtype == torch.float64  # a mask in the input's dtype
+
+
+def test_weight_norm_copies_and_failed_calls_leave_no_graph_behind():
+    """A failed call left ``weight`` with its graph (deepcopy then failed); a copy made inside
+    once_per_step could not be made, or kept the step's weight for good."""
+    import copy
+
+    lin = weight_norm(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError):
+        lin(torch.ones(4, 5))  # wrong width: the pre-hook ran, the call failed
+    copy.deepcopy(lin)
+    with once_per_step(lin):
+        twin = copy.deepcopy(lin)
+    with torch.no_grad():
+        twin.weight_g.mul_(2)
+    x = torch.ones(1, 3)
+    torch.testing.assert_close(twin(x) - twin.bias, 2 * (lin(x) - lin.bias))  # g is used again
+    twin(x).sum().backward()
+    assert twin.weight_g.grad is not None
