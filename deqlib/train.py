@@ -45,7 +45,7 @@ from .deq import DEQStats, SolverSettings
 from .jacobian import JacobianPenalty
 
 __all__ = ["TrainConfig", "StepOutput", "TensorBatches", "train", "TrainResult", "atomic_save", "evaluate",
-           "make_accelerator", "pipeline_run_dir", "RUN_DIR_ENV"]
+           "make_accelerator", "pipeline_run_dir", "RUN_DIR_ENV", "equilibrium_mean"]
 
 RUN_DIR_ENV = "DEQLIB_RUN_DIR"
 OPTIMIZERS = ("adam", "sgd")
@@ -157,6 +157,13 @@ def _rank_gen(seed: int, step: int, stream: int, rank: int) -> torch.Generator:
     (dropout masks and probes must differ between the processes' shares of a batch), process 0
     the one a single-process run draws."""
     return _gen(seed, step, stream) if rank == 0 else _gen(seed, step, stream, rank)
+
+
+def equilibrium_mean(records: Sequence[Mapping[str, Any]], key: str) -> float:
+    """Mean of ``key`` over the equilibrium (not pretraining) steps of ``records``, NaN values
+    (a step with no solve to report) left out; NaN when none is left."""
+    vals = [r[key] for r in records if not r["pretrain"] and r[key] == r[key]]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -23,7 +23,7 @@ from ..deq import SolverSettings
 from ..models.mdeq import MDEQ, MDEQConfig
 from ..solvers import METHODS
 from ..config import training_identity
-from ..train import TensorBatches, TrainConfig, evaluate, pipeline_run_dir, train
+from ..train import TensorBatches, TrainConfig, equilibrium_mean, evaluate, pipeline_run_dir, train
 
 __all__ = ["CifarEvalConfig", "CifarExperiment", "hard_cap", "nfe_to_tol", "evaluate_model", "run_arm",
            "arm_config", "ARMS"]
@@ -173,17 +173,9 @@ def run_arm(exp: CifarExperiment, jr: bool, base: str | Path | None = None, data
     result = train(model, batches, cfg, run_dir=run_dir, progress=progress, accelerator=accelerator,
                    identity=training_identity(exp))
     metrics = evaluate_model(model, data.test_x, data.test_y, exp.eval, accelerator)
-    deq_steps = [r for r in result.records if not r["pretrain"]]
-
-    def mean(key: str) -> float:
-        vals = [r[key] for r in deq_steps if r[key] == r[key]]  # NaN-free
-        return sum(vals) / len(vals) if vals else float("nan")
-
     metrics.update({
-        "train_fwd_nfe": mean("fwd_nfe"),
-        "train_bwd_nfe": mean("bwd_nfe"),
-        "train_fwd_rel_res": mean("fwd_rel_res"),
-        "train_bwd_rel_res": mean("bwd_rel_res"),
+        **{f"train_{key}": equilibrium_mean(result.records, key)
+           for key in ("fwd_nfe", "bwd_nfe", "fwd_rel_res", "bwd_rel_res")},
         "train_steps": len(result.records),
         "train_loss_last_epoch": _last_epoch_mean(result.records, "loss"),
         "train_acc_last_epoch": _last_epoch_mean(result.records, "train_acc"),

@@ -20,7 +20,7 @@ from ..jacobian import spectral_radius
 from ..models.synthetic import SyntheticDEQ, SyntheticModelConfig
 from ..solvers import SolverResult
 from ..config import training_identity
-from ..train import TensorBatches, TrainConfig, pipeline_run_dir, train
+from ..train import TensorBatches, TrainConfig, equilibrium_mean, pipeline_run_dir, train
 
 __all__ = ["EvalConfig", "SyntheticExperiment", "run_arm", "batch_rel_trace", "nfe_to_tol"]
 
@@ -119,17 +119,11 @@ def run_arm(exp: SyntheticExperiment, gamma: float, run_dir: str | Path | None =
         "jac_fro": float(jac.mean().sqrt()),
         "spectral_radius_mean": float(rho.mean()),
         "spectral_radius_max": float(rho.max()),
-        "train_fwd_nfe": _mean_over_deq_steps(result.records, "fwd_nfe"),
+        "train_fwd_nfe": equilibrium_mean(result.records, "fwd_nfe"),
         "records": result.records,
         "trace": trace,
         "model": model,
     }
-
-
-def _mean_over_deq_steps(records: list[dict[str, float]], key: str) -> float:
-    """Mean of ``key`` over the equilibrium steps (pretraining steps record NaN NFE)."""
-    vals = [r[key] for r in records if not r["pretrain"]]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 @torch.no_grad()

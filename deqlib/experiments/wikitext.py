@@ -26,7 +26,7 @@ from ..deq import SolverSettings
 from ..jacobian import JacobianPenalty
 from ..measure import saved_tensor_bytes
 from ..models.transformer import DEQTransformerLM, Memory, TransformerConfig
-from ..train import TrainConfig, pipeline_run_dir, train
+from ..train import TrainConfig, equilibrium_mean, pipeline_run_dir, train
 
 __all__ = ["ARMS", "LMEvalConfig", "WikiTextExperiment", "evaluate", "activation_memory",
            "unigram_perplexity", "run_arm", "arm_settings", "future_token_leak"]
@@ -266,8 +266,8 @@ def run_arm(exp: WikiTextExperiment, arm: str, data: dict, run_dir: str | Path |
         "eval_tokens": evaluation["tokens"],
         "valid_nfe": evaluation["nfe"],
         "valid_rel_residual": evaluation["rel_residual"],
-        "train_nfe": _mean(r["fwd_nfe"] for r in deq_steps),
-        "train_bwd_nfe": _mean(r["bwd_nfe"] for r in deq_steps),
+        "train_nfe": equilibrium_mean(records, "fwd_nfe"),
+        "train_bwd_nfe": equilibrium_mean(records, "bwd_nfe"),
         "final_train_loss": _mean(r["loss"] for r in records[-20:]),
         "step_time_s": median(times),
         "memory": mem,
