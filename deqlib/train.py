@@ -251,7 +251,10 @@ class TrainResult:
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # Fused: the unfused CPU step takes ``torch.sqrt``, which MKL's vector math computes
+        # differently on different CPUs (its bits are not pinned, see deqlib.numerics); the
+        # fused kernel is ATen's own.
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -313,9 +316,11 @@ def train(
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     bar = None
     if progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
-        # A slow refresh: in a notebook every refresh is a stored output.
+        # The plain text bar: tqdm.auto's notebook bar needs ipywidgets, and without them it
+        # prints a warning naming the environment's path into the notebook. A slow refresh:
+        # in a notebook every refresh is a stored output.
         bar = tqdm(total=total, initial=start, desc="train", leave=False, mininterval=5.0, maxinterval=60.0)
 
     step = start

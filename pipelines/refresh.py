@@ -2,7 +2,8 @@
 
     python -m pipelines.refresh [notebooks/01_synthetic.py ...]   # default: all of them
 
-Reads the percent ``.py`` source, executes it in ``notebooks/`` (where nbval runs it) and
+Reads the percent ``.py`` source, executes it in ``notebooks/`` (where nbval runs it) on the
+pinned floating-point path of :mod:`deqlib.numerics` (as the notebook tests do) and
 writes the paired ``.ipynb`` through jupytext, so the pair stays in sync. Papermill is not
 used here: its injected-parameters cell would leak into the ``.py`` on the next sync.
 """
@@ -19,11 +20,12 @@ def refresh(source: Path) -> Path:
     import jupytext
     from nbclient import NotebookClient
 
-    from pipelines.run import absolute_data_env
+    from pipelines.run import kernel_environment
 
     source = source.resolve()
     nb = jupytext.read(source)
-    with absolute_data_env():  # the kernel runs in notebooks/, as in pipelines.run
+    # The kernel runs in notebooks/ on the pinned numeric path, as in pipelines.run and nbval.
+    with kernel_environment("pinned"):
         NotebookClient(nb, kernel_name="python3", timeout=1800,
                        resources={"metadata": {"path": str(source.parent)}}).execute()
     target = source.with_suffix(".ipynb")

@@ -21,14 +21,16 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from deqlib.config import load_params, parse_override
 from deqlib.data.download import DATA_ENV
+from deqlib.numerics import PINNED_ENV
 from deqlib.train import RUN_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
+NUMERICS = ("pinned", "native")
 NOTEBOOKS = {
     "synthetic": "01_synthetic.py",
     "cifar10": "03_cifar10.py",
@@ -38,17 +40,31 @@ NOTEBOOKS = {
 
 
 @contextlib.contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
-    """``os.environ[name] = value`` while the block runs, then as before."""
-    before = os.environ.get(name)
-    os.environ[name] = value
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` while the block runs, then as before."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def kernel_environment(numerics: str = "pinned", extra: Mapping[str, str] | None = None) -> Iterator[None]:
+    """The environment a notebook's kernel starts with (it inherits this process's): the
+    pinned floating-point path of :mod:`deqlib.numerics` (``numerics="native"`` leaves the
+    libraries to pick their kernels by CPU), an absolute ``$DEQLIB_DATA``, and ``extra``."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"unknown numerics={numerics!r}; choose one of {list(NUMERICS)}")
+    values = dict(PINNED_ENV) if numerics == "pinned" else {}
+    values.update(extra or {})
+    with absolute_data_env(), _environ(values):
+        yield
 
 
 @contextlib.contextmanager
@@ -60,12 +76,12 @@ def absolute_data_env() -> Iterator[None]:
     if not value or Path(value).expanduser().is_absolute():
         yield
         return
-    with _environ(DATA_ENV, str(Path(value).expanduser().resolve())):
+    with _environ({DATA_ENV: str(Path(value).expanduser().resolve())}):
         yield
 
 
 def run(experiment: str, profile: str | None = None, overrides: dict | None = None,
-        out: str | Path | None = None, params_path: str | Path | None = None) -> Path:
+        out: str | Path | None = None, params_path: str | Path | None = None, numerics: str = "pinned") -> Path:
     import jupytext
     import papermill
 
@@ -85,7 +101,7 @@ def run(experiment: str, profile: str | None = None, overrides: dict | None = No
         jupytext.write(nb, src_ipynb, fmt="ipynb")
         partial = out / ".notebook.partial.ipynb"
         # The kernel inherits this process's environment.
-        with absolute_data_env(), _environ(RUN_DIR_ENV, str(checkpoints)):
+        with kernel_environment(numerics, {RUN_DIR_ENV: str(checkpoints)}):
             papermill.execute_notebook(
                 str(src_ipynb), str(partial),
                 parameters={"profile": profile, "overrides": dict(overrides or {}),
@@ -108,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                    metavar="KEY=VALUE", help="override a parameter of the profile (repeatable)")
     p.add_argument("--out", help="output folder (default outputs/EXPERIMENT)")
+    p.add_argument("--numerics", choices=NUMERICS, default="pinned",
+                   help="pinned (default): one floating-point path on every x86-64 CPU with AVX2 "
+                        "(deqlib.numerics); native: the fastest kernels of this CPU")
     args = p.parse_args(argv)
-    path = run(args.experiment, args.profile, dict(args.overrides), args.out)
+    path = run(args.experiment, args.profile, dict(args.overrides), args.out, numerics=args.numerics)
     print(f"wrote {path}")
     return 0
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, skip_without_slice
+from conftest import DEFAULT_RTOL, ROOT, RTOL_ENV, skip_without_slice
 from deqlib.config import load_params
 from deqlib.data import DATA_ENV
+from deqlib.numerics import PINNED_ENV, pinned_environ
 from pipelines.run import NOTEBOOKS, absolute_data_env, run
 
 # A step limit and tiny data per experiment: enough to start, train and write every output.
@@ -136,7 +137,8 @@ def test_a_relative_data_root_is_made_absolute_for_the_kernel(tmp_path, monkeypa
 
 
 def test_refresh_gives_the_kernel_an_absolute_data_env(tmp_path, monkeypatch):
-    """pipelines.refresh runs the kernel in the notebook's folder too: the same rule."""
+    """pipelines.refresh runs the kernel in the notebook's folder too: the same rule; and on the
+    pinned numeric path, as nbval does in the tests."""
     import nbclient
 
     from pipelines.refresh import refresh
@@ -149,6 +151,7 @@ def test_refresh_gives_the_kernel_an_absolute_data_env(tmp_path, monkeypatch):
 
         def execute(self):
             seen["data"] = os.environ.get(DATA_ENV)
+            seen["numerics"] = {k: os.environ.get(k) for k in PINNED_ENV}
 
     monkeypatch.setattr(nbclient, "NotebookClient", Client)
     (tmp_path / "nb").mkdir()
@@ -158,6 +161,7 @@ def test_refresh_gives_the_kernel_an_absolute_data_env(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV, "mydata")
     assert refresh(source) == source.with_suffix(".ipynb") and source.with_suffix(".ipynb").exists()
     assert seen["data"] == str(tmp_path / "mydata") and os.environ[DATA_ENV] == "mydata"
+    assert seen["numerics"] == PINNED_ENV, "the kernel must start on the pinned numeric path"
 
 
 def test_runner_rejects_a_bad_override(tmp_path):
@@ -167,15 +171,31 @@ def test_runner_rejects_a_bad_override(tmp_path):
 
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")))
-def test_committed_notebook_outputs_reproduce(notebook):
-    """nbval re-runs the notebook and compares every output not marked NBVAL_IGNORE_OUTPUT."""
+def test_committed_notebook_outputs_reproduce(notebook, numeric_path, cell_timeout):
+    """nbval re-runs the notebook on the pinned numeric path and compares every output not
+    marked NBVAL_IGNORE_OUTPUT, bit for bit. Where the pinned path cannot hold (no AVX2, not
+    x86-64) or ``$DEQLIB_NOTEBOOK_RTOL`` is set, ``pipelines.nbcheck`` compares at that relative
+    tolerance instead (README, "Reproducing the notebooks")."""
     skip_without_slice(_small_data_root(notebook))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
-         "--nbval-cell-timeout=1200", str(ROOT / "notebooks" / notebook)],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    rtol = os.environ.get(RTOL_ENV) or ("" if numeric_path["pinned"] else DEFAULT_RTOL)
+    if rtol:
+        cmd = [sys.executable, "-m", "pipelines.nbcheck", f"--rtol={rtol}", f"--timeout={cell_timeout}",
+               str(ROOT / "notebooks" / notebook)]
+    else:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
+               f"--nbval-cell-timeout={cell_timeout}", str(ROOT / "notebooks" / notebook)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=pinned_environ())
+    how = (f"compared at rtol={rtol}" if rtol else "compared bit for bit by nbval") + \
+        f" on numeric path {numeric_path}, {cell_timeout} s per cell"
+    assert proc.returncode == 0, f"{notebook} ({how}):\n" + _failure_summary(proc.stdout) + \
+        proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def _failure_summary(stdout: str) -> str:
+    """The failing cells and any timeout, from nbval's report, before its long diff."""
+    keep = [ln for ln in stdout.splitlines() if ln.startswith(("FAILED", "ERROR")) or "Timeout" in ln
+            or ln.startswith("  code cell")]
+    return "\n".join(keep[:20]) + ("\n\n" if keep else "")
 
 
 def _small_data_root(notebook: str) -> str:

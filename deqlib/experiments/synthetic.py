@@ -116,7 +116,7 @@ def run_arm(exp: SyntheticExperiment, gamma: float, run_dir: str | Path | None =
         "valid_mse_at_threshold": float(torch.nn.functional.mse_loss(z_thr, yv)),
         "valid_r2": 1 - mse / var_y,
         "nfe_to_tol": nfe_to_tol(trace, ev.tol),
-        "jac_fro": float(jac.mean().sqrt()),
+        "jac_fro": math.sqrt(float(jac.mean())),
         "spectral_radius_mean": float(rho.mean()),
         "spectral_radius_max": float(rho.max()),
         "train_fwd_nfe": equilibrium_mean(result.records, "fwd_nfe"),
