@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .checks import check_int, is_real
 
-__all__ = ["frobenius_sq_per_dim", "spectral_radius", "JacobianPenalty"]
+__all__ = ["frobenius_sq_per_dim", "spectral_radius", "estimate_spectral_radius", "SpectralRadius",
+           "JacobianPenalty"]
 
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -61,30 +62,70 @@ def frobenius_sq_per_dim(
     return total / (n_probes * z[0].numel())
 
 
+@dataclass(frozen=True)
+class SpectralRadius:
+    """A subspace-iteration estimate of the spectral radius of ``J_f(z)``, per sample.
+
+    Attributes (each ``(B,)`` but ``iterations``):
+        value: the largest modulus of the Ritz values.
+        change: relative change of ``value`` over the last ``check_every`` iterations: how much
+            the estimate still moves.
+        residual: ``||J^T x - theta x|| / (|theta| ||x||)`` of the dominant Ritz pair
+            ``(theta, x)``: 0 when ``x`` is an exact eigenvector.
+        converged: ``change`` stayed below the tolerance at two checks in a row.
+        iterations: subspace iterations run (each ``n_vectors`` vector-Jacobian products).
+    """
+
+    value: Tensor
+    change: Tensor
+    residual: Tensor
+    converged: Tensor
+    iterations: int
+
+    @property
+    def error(self) -> Tensor:
+        """``(B,)`` a rough absolute error bound: ``value * max(change, residual)``. For a
+        normal ``J`` the residual bounds the distance to an eigenvalue; for a non-normal one
+        it is a backward error, and ``change`` the better guide."""
+        return self.value * torch.maximum(self.change, self.residual)
+
+
 @torch.no_grad()
-def spectral_radius(
+def estimate_spectral_radius(
     z: Tensor,
     fz: Tensor,
-    n_iter: int = 150,
-    n_vectors: int = 2,
+    n_iter: int = 300,
+    n_vectors: int = 8,
+    tol: float = 1e-4,
+    check_every: int = 10,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """Largest ``|eigenvalue|`` of ``J_f(z)`` per sample, by subspace (power) iteration.
+) -> SpectralRadius:
+    """Largest ``|eigenvalue|`` of ``J_f(z)`` per sample, by subspace iteration with a
+    convergence test and an error estimate.
 
     Iterates ``V <- orth(J^T V)`` with ``n_vectors`` vector-Jacobian products per step (``J^T``
-    has the eigenvalues of ``J``), then returns the largest modulus of the eigenvalues of the
-    small projected matrix ``V^T J^T V`` (Rayleigh-Ritz). Two vectors capture a dominant
-    complex-conjugate pair, on which one-vector power iteration oscillates.
+    has the eigenvalues of ``J``); every ``check_every`` steps the eigenvalues of the projected
+    ``V^T J^T V`` (Rayleigh-Ritz) give the estimate. It stops when every sample's estimate moved
+    by less than ``tol`` (relative) at two checks in a row, or after ``n_iter`` steps.
+
+    Why 8 vectors: the block converges at the rate ``|lambda_{k+1} / lambda_1|``, so ``k`` must
+    exceed the number of eigenvalues whose moduli are close to the largest. Two vectors (one
+    complex pair) read 0.72 for an exact 1.058 on a small MDEQ map and were 54-75% off on
+    linear maps with three or four equal moduli; eight were within 1e-6 there.
 
     Args:
-        z, fz: ``(B, D)`` pair as above. n_iter: iterations (the paper uses ~150).
-    Returns:
-        ``(B,)`` estimates.
+        z, fz: ``(B, D)``, ``z`` a leaf of the graph of ``fz``.
+        n_iter: the most iterations (the paper's power method uses ~150).
+        n_vectors: block size ``k`` (clamped to ``D``).
+        tol: relative change below which the estimate counts as converged.
+        check_every: iterations between two Rayleigh-Ritz checks.
+        generator: RNG of the starting block.
     """
-    if isinstance(n_iter, bool) or int(n_iter) != n_iter or n_iter < 1:
-        raise ValueError(f"n_iter must be an integer >= 1, got n_iter={n_iter!r}")
-    if isinstance(n_vectors, bool) or int(n_vectors) != n_vectors or n_vectors < 1:
-        raise ValueError(f"n_vectors must be an integer >= 1, got n_vectors={n_vectors!r}")
+    check_int("n_iter", n_iter, 1)
+    check_int("n_vectors", n_vectors, 1)
+    check_int("check_every", check_every, 1)
+    if not (is_real(tol) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got tol={tol!r}")
     B, D = z.shape
     k = min(int(n_vectors), D)
 
@@ -92,12 +133,46 @@ def spectral_radius(
         cols = [torch.autograd.grad(fz, z, V[:, :, i], retain_graph=True)[0] for i in range(k)]
         return torch.stack(cols, dim=2)
 
-    V = _randn((B, D, k), z, generator)
-    V, _ = torch.linalg.qr(V)
-    for _ in range(int(n_iter)):
-        V, _ = torch.linalg.qr(jt(V))
-    H = V.transpose(1, 2) @ jt(V)  # (B, k, k)
-    return torch.linalg.eigvals(H.double()).abs().amax(dim=1).to(z.dtype)
+    V, _ = torch.linalg.qr(_randn((B, D, k), z, generator))
+    nan = torch.full((B,), math.nan, dtype=torch.float64, device=z.device)
+    value, change, residual, prev = nan, nan.clone(), nan.clone(), None
+    stable = torch.zeros(B, dtype=torch.long, device=z.device)
+    it = 0
+    for it in range(1, int(n_iter) + 1):
+        W = jt(V)
+        if it % check_every == 0 or it == n_iter:
+            Vd, Wd = V.double(), W.double()
+            evals, evecs = torch.linalg.eig(Vd.transpose(1, 2) @ Wd)  # (B, k), (B, k, k)
+            top = evals.abs().argmax(dim=1)
+            theta = evals.gather(1, top[:, None]).squeeze(1)
+            y = evecs.gather(2, top[:, None, None].expand(B, k, 1))  # (B, k, 1)
+            x, jx = Vd.to(y.dtype) @ y, Wd.to(y.dtype) @ y  # Ritz vector and J^T x, (B, D, 1)
+            value = theta.abs()
+            scale = value.clamp_min(1e-300) * torch.linalg.vector_norm(x, dim=(1, 2)).clamp_min(1e-300)
+            residual = torch.linalg.vector_norm(jx - theta[:, None, None] * x, dim=(1, 2)) / scale
+            if prev is not None:
+                change = (value - prev).abs() / value.clamp_min(1e-300)
+                stable = torch.where(change <= tol, stable + 1, torch.zeros_like(stable))
+            prev = value
+            # Meta tensors (shape-only runs) have no values to test; elsewhere this is one
+            # host transfer per check.
+            if z.device.type != "meta" and bool((stable >= 2).all()):
+                break
+        V, _ = torch.linalg.qr(W)
+    return SpectralRadius(value=value.to(z.dtype), change=change.to(z.dtype), residual=residual.to(z.dtype),
+                          converged=stable >= 2, iterations=it)
+
+
+def spectral_radius(
+    z: Tensor,
+    fz: Tensor,
+    n_iter: int = 300,
+    n_vectors: int = 8,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``(B,)`` spectral radius of ``J_f(z)``: :func:`estimate_spectral_radius`'s value."""
+    return estimate_spectral_radius(z, fz, n_iter=n_iter, n_vectors=n_vectors, tol=tol, generator=generator).value
 
 
 @dataclass(frozen=True)

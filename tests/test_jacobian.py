@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deqlib import DEQ, SolverSettings
-from deqlib.jacobian import JacobianPenalty, frobenius_sq_per_dim, spectral_radius
+from deqlib.jacobian import JacobianPenalty, estimate_spectral_radius, frobenius_sq_per_dim, spectral_radius
 
 
 def _pair(seed=0, batch=3, dim=16, scale=0.9):
@@ -145,3 +145,80 @@ def test_probes_come_from_the_given_generator_whatever_the_device_of_the_states(
         out = estimate(g)
         assert out.device.type == "meta" and out.shape == (3,)
         assert not torch.equal(g.get_state(), before), "the generator was not drawn from"
+
+
+def _linear_with_spectrum(moduli_angles, rest: int, rest_radius: float, seed: int, normal: bool):
+    """A real ``D x D`` matrix whose eigenvalues are the given ``(modulus, angle)`` (a pair per
+    nonzero angle) plus ``rest`` real ones uniform in ``(-rest_radius, rest_radius)``, moved by a
+    random orthogonal (``normal``) or general (non-normal) similarity."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for r, a in moduli_angles:
+        if a == 0:
+            blocks.append(torch.tensor([[r]], dtype=torch.float64))
+        else:
+            blocks.append(r * torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]],
+                                           dtype=torch.float64))
+    blocks += [torch.tensor([[v]], dtype=torch.float64) for v in (torch.rand(rest, generator=g, dtype=torch.float64)
+                                                                 * 2 - 1) * rest_radius]
+    A = torch.block_diag(*blocks)
+    D = A.shape[0]
+    if normal:
+        Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+        return Q @ A @ Q.T
+    S = torch.eye(D, dtype=torch.float64) + 0.3 * torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    return S @ A @ torch.linalg.inv(S)
+
+
+@pytest.mark.parametrize("normal", [True, False])
+@pytest.mark.parametrize("spectrum", [
+    [(1.0, 0.0), (1.0, math.pi / 3), (-1.0, 0.0)],            # four eigenvalues of modulus 1
+    [(0.9, 0.4), (0.9, 1.9)],                                 # two complex pairs, equal moduli
+    [(1.058, 0.0), (1.05, 0.8), (1.04, 2.1)],                 # five nearly equal moduli, unstable
+])
+def test_estimate_converges_on_nearly_equal_moduli(spectrum, normal):
+    """The case that two vectors got 54-75% wrong: several eigenvalues of (nearly) the largest
+    modulus. The estimate is within its own error bound and 1e-3 of the exact value."""
+    W = _linear_with_spectrum(spectrum, rest=40, rest_radius=0.6, seed=3, normal=normal)
+    exact = float(torch.linalg.eigvals(W).abs().max())
+    z = torch.randn(2, W.shape[0], dtype=torch.float64).requires_grad_()
+    est = estimate_spectral_radius(z, z @ W.T, generator=torch.Generator().manual_seed(0))
+    assert bool(est.converged.all()), est
+    err = (est.value - exact).abs()
+    assert bool((err < 1e-3 * exact).all()), (est.value, exact)
+    assert bool((err <= est.error + 1e-9).all()), (err, est.error)
+
+
+def test_two_vectors_are_not_enough_and_the_estimate_says_so():
+    """With a block smaller than the cluster of largest moduli the value is off; the change or
+    the residual it reports is large as well, so a reader can tell."""
+    W = _linear_with_spectrum([(1.0, 0.0), (1.0, math.pi / 3), (-1.0, 0.0)], rest=40, rest_radius=0.6, seed=3,
+                              normal=True)
+    z = torch.randn(1, W.shape[0], dtype=torch.float64).requires_grad_()
+    est = estimate_spectral_radius(z, z @ W.T, n_iter=150, n_vectors=2, generator=torch.Generator().manual_seed(0))
+    assert float(est.residual.max()) > 1e-2 or not bool(est.converged.all())
+
+
+def test_spectral_radius_of_a_small_mdeq_map_with_a_cluster_near_one():
+    """A small MDEQ's map at an equilibrium, float64: the estimate agrees with the eigenvalues of
+    the full Jacobian (built column by column)."""
+    from deqlib.deq import StatePacker
+    from deqlib.models.mdeq import MDEQConfig, MultiscaleMap, Stem
+
+    torch.manual_seed(0)
+    cfg = MDEQConfig(channels=(4, 8), expansion=2, groups=2, dropout=0.0, downsample=1, head_channels=(8, 16),
+                     final_channels=16, image_size=8, init_std=None)
+    f, stem = MultiscaleMap(cfg).double().eval(), Stem(cfg).double().eval()
+    x = stem(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    z0 = [torch.zeros(1, c, 4 // 2 ** i, 4 // 2 ** i, dtype=torch.float64) for i, c in enumerate(cfg.channels)]
+    packer = StatePacker(z0)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.mul_(1.5)  # push it towards and past rho = 1, where clusters form
+    z = packer.pack(z0).detach().requires_grad_()
+    fz = packer.pack(f(packer.unpack(z), x))
+    D = z.shape[1]
+    J = torch.stack([torch.autograd.grad(fz[0, i], z, retain_graph=True)[0][0] for i in range(D)])
+    exact = float(torch.linalg.eigvals(J).abs().max())
+    est = estimate_spectral_radius(z, fz, generator=torch.Generator().manual_seed(1))
+    assert abs(float(est.value) - exact) < 1e-3 * exact, (float(est.value), exact)
