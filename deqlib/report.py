@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_open
+
 __all__ = ["PAPER", "write_metrics", "write_curves", "use_style", "make_output_dir", "print_setup"]
 
 # Versioned reference numbers; each with where it comes from.
@@ -130,9 +132,8 @@ def _clean(v: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
 
 
 def write_metrics(out: Path | None, metrics: Mapping[str, Any], name: str = "metrics.json") -> None:
@@ -149,12 +150,10 @@ def write_curves(out: Path | None, name: str, rows: Iterable[Mapping[str, Any]])
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = out / f".{name}.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_open(out / name, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, out / name)
 
 
 def use_style() -> None:
