@@ -3,12 +3,16 @@
 Three ways to differentiate (``backward=``):
 - ``"implicit"``: one differentiable call ``f(z*, x)``; its incoming gradient ``g`` is replaced
   by the solution ``u`` of ``u = u J_f(z*) + g`` (implicit function theorem), found by its own
-  solver (``backward_solver``). Memory of one call of ``f``.
+  solver (``backward_solver``). Memory of one call of ``f``. First derivatives only:
+  differentiating its gradient again (``create_graph=True``) raises, since ``u`` and ``z*`` are
+  held fixed in it and the second derivative would come out wrong without a word.
 - ``"phantom"``: ``k`` damped steps ``z <- (1-lam) z + lam f(z, x)`` from ``z*`` under autograd
-  (an inexact, cheap gradient).
+  (an inexact, cheap gradient). Its derivatives of every order are those of the ``k`` steps
+  with ``z*`` a constant, so its second derivative is not the equilibrium's.
 - ``"unrolled"``: plain iteration from ``z0`` under autograd through every step, up to the
   forward ``max_iter``, stopping at its ``tol``: the exact reference, and the weight-tied
-  "pretraining" mode.
+  "pretraining" mode. Exact to any order for the iteration it ran; once converged, the
+  equilibrium's (the reference for second derivatives).
 
 States may be one tensor ``(B, ...)`` or a list of them (one feature map per scale); they are
 packed into one ``(B, D)`` tensor for the solvers by :class:`StatePacker`.
@@ -141,7 +145,37 @@ class _ImplicitGrad(torch.autograd.Function):
         # Start at g (the solution when J = 0): saves the call a zero start would spend.
         result = ctx.settings.run(step, grad)
         ctx.stats.backward = result
+        if torch.is_grad_enabled():  # create_graph=True: the gradient may be differentiated
+            return _FirstOrderOnly.apply(result.fz, f_star, grad), None, None, None
         return result.fz, None, None, None
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the implicit backward's solution ``u``, in a graph that refuses to be
+    differentiated: the exact first derivative stays available under ``create_graph=True``,
+    but a second derivative raises instead of coming out silently wrong.
+
+    Why wrong: ``u`` comes from a solve without autograd and ``z*`` is a detached leaf, so a
+    second derivative would miss how both move with the parameters (about 100% of it on a
+    small contractive map). Getting it would take a differentiable backward solve and ``z*``
+    tied to the parameters by a further implicit solve. ``u``'s value depends on ``f(z*)``'s
+    graph (the parameters, the input, ``z*``) and on the incoming gradient; both are inputs
+    here, so a second derivative with respect to anything ``u`` depends on reaches this node.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, f_star: Tensor, grad: Tensor) -> Tensor:
+        return u.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            "backward='implicit' gives exact first derivatives only: a second derivative through "
+            "it (differentiating a gradient taken with create_graph=True) would omit how z* and "
+            "the backward solution depend on the parameters. Use backward='unrolled' (exact to "
+            "any order for its unrolled iteration, the equilibrium's once converged), or take "
+            "first derivatives only."
+        )
 
 
 class DEQ(nn.Module):
@@ -152,7 +186,8 @@ class DEQ(nn.Module):
             An ``nn.Module`` is registered, so its parameters belong to this layer.
         forward_solver: settings of the forward solve.
         backward_solver: settings of the implicit backward solve.
-        backward: ``"implicit"``, ``"phantom"`` or ``"unrolled"``.
+        backward: ``"implicit"`` (first derivatives only), ``"phantom"`` or ``"unrolled"``
+            (see the module docstring for what each gives to second order).
         phantom_steps, phantom_damping: ``k`` and ``lam`` of the phantom gradient.
 
     Call: ``z, stats = deq(x, z0, forward_solver=None)`` returns ``f(z*, x)`` (one step past the

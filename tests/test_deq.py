@@ -269,3 +269,96 @@ def test_an_empty_batch_is_refused_before_any_call_of_f():
 def test_bad_solver_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SolverSettings(**kwargs)
+
+
+# Second derivatives: a Hessian-vector product ``d/dtheta <v, dL/dtheta>`` of the parameters,
+# taken by differentiating a gradient made with ``create_graph=True``.
+
+
+def _hvp(deq, x, z0, weight, v):
+    params = list(deq.parameters())
+    z, _ = deq(x, z0)
+    grads = torch.autograd.grad((weight * z).sum(), params, create_graph=True)
+    return torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, v)), params)
+
+
+def _equilibrium_hvp(f, x, z0, weight, v, h=1e-6):
+    """The equilibrium's own HVP by central differences of the exact implicit gradient along
+    ``v``: the error is O(h^2) (1e-4 relative at h = 1e-3 here, 1e-10 at 1e-6) plus a rounding
+    of ~1e-13 / h."""
+    deq = DEQ(f, forward_solver=EXACT_FWD, backward_solver=EXACT_BWD)
+    params = list(deq.parameters())
+
+    def grad_at(step):
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.add_(d, alpha=step)
+        try:
+            z, _ = deq(x, z0)
+            return torch.autograd.grad((weight * z).sum(), params)
+        finally:
+            with torch.no_grad():
+                for p, d in zip(params, v):
+                    p.sub_(d, alpha=step)
+
+    return [(a - b) / (2 * h) for a, b in zip(grad_at(h), grad_at(-h))]
+
+
+def test_implicit_mode_refuses_a_second_derivative_and_names_the_alternative():
+    """Its gradient holds z* and the backward solution fixed in theta: differentiated again it
+    was wrong by as much as its size. A gradient made with ``create_graph=True`` is still the
+    exact first derivative; differentiating it raises."""
+    f, x, z0, (weight,) = _case("mlp")
+    deq = DEQ(f, forward_solver=EXACT_FWD, backward_solver=EXACT_BWD)
+    params = list(deq.parameters())
+    z, _ = deq(x, z0)
+    plain = torch.autograd.grad((weight * z).sum(), params)
+    z, _ = deq(x, z0)
+    grads = torch.autograd.grad((weight * z).sum(), params, create_graph=True)
+    _assert_rel_close(grads, plain, 1e-12)
+    with pytest.raises(RuntimeError, match=r"backward='implicit'.*backward='unrolled'"):
+        torch.autograd.grad(sum((g ** 2).sum() for g in grads), params)
+    # The same through the input, and through the loss weights (a gradient penalty on x).
+    x_in, w_in = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    z, _ = deq(x_in, z0)
+    (gx,) = torch.autograd.grad((w_in * z).sum(), x_in, create_graph=True)
+    for wrt in (x_in, w_in):
+        with pytest.raises(RuntimeError, match=r"backward='implicit'"):
+            torch.autograd.grad(gx.pow(2).sum(), wrt, retain_graph=True)
+
+
+def test_unrolled_second_derivative_is_the_equilibriums_when_converged():
+    """``"unrolled"`` differentiates its iteration exactly, to any order; run to convergence,
+    that is the equilibrium's second derivative."""
+    f, x, z0, (weight,) = _case("mlp")
+    v = [torch.randn_like(p) for p in f.parameters()]
+    ref = _equilibrium_hvp(f, x, z0, weight, v)
+    got = _hvp(DEQ(f, forward_solver=UNROLLED, backward="unrolled"), x, z0, weight, v)
+    _assert_rel_close(got, ref, 1e-8)
+
+
+def test_phantom_second_derivative_is_that_of_its_steps_from_a_fixed_z_star():
+    """``"phantom"`` differentiates its ``k`` damped steps from z* exactly, to any order, with
+    z* a constant: not the equilibrium's second derivative, even where its first is close."""
+    f, x, z0, (weight,) = _case("mlp")
+    v = [torch.randn_like(p) for p in f.parameters()]
+    k, lam = 5, 0.8
+    deq = DEQ(f, forward_solver=EXACT_FWD, backward="phantom", phantom_steps=k, phantom_damping=lam)
+    got = _hvp(deq, x, z0, weight, v)
+    with torch.no_grad():
+        z_star, _ = deq(x, z0)  # f(z*): z* to 1e-13
+
+    class Steps(nn.Module):  # the same k steps, written out, from the constant z_star
+        def __init__(self):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x, z0):
+            z = z_star
+            for _ in range(k):
+                z = torch.lerp(z, self.f(z, x), lam)
+            return z, None
+
+    _assert_rel_close(got, _hvp(Steps(), x, z0, weight, v), 1e-10)
+    ref = _equilibrium_hvp(f, x, z0, weight, v)
+    assert max(((g - r).norm() / r.norm()).item() for g, r in zip(got, ref)) > 1e-2
