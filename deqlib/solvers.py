@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .buffers import POOL, Empty
-from .checks import check_int
+from .checks import check_choice, check_int, check_mapping, check_real
 
 __all__ = ["SolverResult", "solve", "METHODS", "STOP_MODES", "check_method_options"]
 
@@ -248,8 +248,7 @@ class FixedPointOptions:
     beta: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.beta <= 1.0:
-            raise ValueError(f"beta must be in (0, 1], got beta={self.beta!r}")
+        check_real("beta", self.beta, minimum=0, maximum=1, min_open=True)
 
 
 def _fixed_point(f: FlatMap, z: Tensor, tracker: _Tracker, opts: FixedPointOptions, empty: Empty) -> None:
@@ -276,10 +275,8 @@ class AndersonOptions:
 
     def __post_init__(self) -> None:
         check_int("m", self.m, 1)  # a float m would break the buffer shapes
-        if not 0.0 < self.beta <= 1.0:
-            raise ValueError(f"beta must be in (0, 1], got beta={self.beta!r}")
-        if not self.lam >= 0.0:
-            raise ValueError(f"lam must be >= 0, got lam={self.lam!r}")
+        check_real("beta", self.beta, minimum=0, maximum=1, min_open=True)
+        check_real("lam", self.lam, minimum=0)
 
 
 def _anderson(f: FlatMap, z: Tensor, tracker: _Tracker, opts: AndersonOptions, empty: Empty) -> None:
@@ -459,8 +456,8 @@ def check_method_options(method: str, options: dict) -> object:
 
     Raises ValueError naming an unknown method, an unknown option or a bad value.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method={method!r}; choose one of {sorted(METHODS)}")
+    check_choice("method", method, METHODS)
+    check_mapping("options", options)
     opts_cls = METHODS[method][1]
     known = {fld.name for fld in dataclasses.fields(opts_cls)}
     unknown = sorted(set(options) - known)
@@ -472,15 +469,14 @@ def check_method_options(method: str, options: dict) -> object:
 
 
 def check_solver_args(max_iter: int, tol: float, stop_mode: str, diverge_factor: float) -> None:
-    """Raise ValueError naming the first bad common solver argument."""
-    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got max_iter={max_iter!r}")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a finite number > 0, got tol={tol!r}")
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"unknown stop_mode={stop_mode!r}; choose one of {list(STOP_MODES)}")
-    if not diverge_factor > 1:
-        raise ValueError(f"diverge_factor must be > 1, got diverge_factor={diverge_factor!r}")
+    """Raise ValueError naming the first bad common solver argument.
+
+    ``diverge_factor`` alone may be infinite: ``inf`` switches the divergence check off.
+    """
+    check_int("max_iter", max_iter, 1)
+    check_real("tol", tol, minimum=0, min_open=True)
+    check_choice("stop_mode", stop_mode, STOP_MODES)
+    check_real("diverge_factor", diverge_factor, minimum=1, min_open=True, finite=False)
 
 
 @torch.no_grad()
@@ -510,17 +506,31 @@ def solve(
 
     Returns:
         A :class:`SolverResult`. Runs without autograd; never raises from inside the iteration
-        (non-finite values end it with status ``"diverged"``).
+        (non-finite values end it with status ``"diverged"``), but for an ``f`` whose first
+        output is not a tensor of ``z0``'s shape (ValueError): flattened, an output of another
+        shape with as many numbers would be taken sample by sample in the wrong order.
     """
     check_solver_args(max_iter, tol, stop_mode, diverge_factor)
     opts = check_method_options(method, method_options)
+    if not callable(f):
+        raise ValueError(f"f must be callable, got f={f!r}")
+    if not isinstance(z0, Tensor):
+        raise ValueError(f"z0 must be a tensor of shape (B, ...), got z0={z0!r}")
     if z0.dim() < 1 or z0.shape[0] < 1:
-        raise ValueError(f"z0 must have a batch dimension, got shape {tuple(z0.shape)}")
+        raise ValueError(f"z0 must be a tensor of shape (B, ...), got z0 of shape {tuple(z0.shape)}")
     shape = z0.shape
     B = shape[0]
+    checked = False
 
     def f_flat(z: Tensor) -> Tensor:
-        return f(z.view(shape)).reshape(B, -1)
+        nonlocal checked
+        out = f(z.view(shape))
+        if not checked:  # the first call only: one flag test per iteration after it
+            if not isinstance(out, Tensor) or out.shape != shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else f"a {type(out).__name__}"
+                raise ValueError(f"f must return a tensor of z0's shape {tuple(shape)}, got {got}")
+            checked = True
+        return out.reshape(B, -1)
 
     tracker = _Tracker(int(max_iter), float(tol), stop_mode, float(diverge_factor))
     with POOL.lease() as empty:

@@ -173,6 +173,24 @@ def test_multi_dim_state_shape_is_kept():
         (dict(method="broyden", window=0), "window"),
         (dict(method="broyden", m=5), "m"),
         (dict(method="fixed_point", f_stop_mode="abs"), "f_stop_mode"),
+        # A whole float, NaN, infinity or a string is no call count, nor a string a number: each
+        # was accepted, or ended in a TypeError / OverflowError naming no argument.
+        (dict(max_iter=2.0), r"max_iter must be an integer >= 1, got max_iter=2.0"),
+        (dict(max_iter=math.nan), r"max_iter=nan"),
+        (dict(max_iter=math.inf), r"max_iter=inf"),
+        (dict(max_iter="5"), r"max_iter='5'"),
+        (dict(tol="1e-3"), r"tol='1e-3'"),
+        (dict(tol=True), r"tol=True"),
+        (dict(diverge_factor="10"), r"diverge_factor must be a number > 1, got diverge_factor='10'"),
+        (dict(diverge_factor=math.nan), r"diverge_factor=nan"),
+        (dict(diverge_factor=1), r"diverge_factor=1"),
+        (dict(method="fixed_point", beta="0.5"), r"beta='0.5'"),
+        (dict(method="anderson", beta="0.5"), r"beta='0.5'"),
+        (dict(method="anderson", beta=math.nan), r"beta=nan"),
+        (dict(method="anderson", lam=math.inf), r"lam=inf"),
+        (dict(method="anderson", lam="0"), r"lam='0'"),
+        (dict(stop_mode=["rel"]), r"stop_mode=\['rel'\]"),
+        (dict(method=["anderson"]), r"method=\['anderson'\]"),
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, name):
@@ -181,6 +199,37 @@ def test_bad_arguments_raise_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         solve(lambda z: calls.append(1) or z, x, **kwargs)
     assert not calls, "validation must happen before any call of f"
+
+
+@pytest.mark.parametrize("z0, message", [
+    ([[0.0, 1.0]], r"z0 must be a tensor of shape \(B, \.\.\.\), got z0=\[\[0.0, 1.0\]\]"),
+    (torch.zeros(()), r"z0 must be a tensor of shape \(B, \.\.\.\), got z0 of shape \(\)"),
+    (torch.zeros(0, 3), r"z0 .* got z0 of shape \(0, 3\)"),
+])
+def test_a_bad_start_is_refused_naming_it(z0, message):
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        solve(lambda z: calls.append(1) or z, z0)
+    assert not calls
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("out, shape", [
+    (lambda z: z.reshape(3, 2), r"\(3, 2\)"),      # as many numbers, another shape: was accepted
+    (lambda z: z[:, :2], r"\(2, 2\)"),              # fewer numbers per sample
+    (lambda z: z.sum(), r"\(\)"),
+    (lambda z: z.tolist(), r"a list"),
+])
+def test_f_returning_another_shape_is_refused_at_its_first_call(method, out, shape):
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return out(z)
+
+    with pytest.raises(ValueError, match=r"f must return a tensor of z0's shape \(2, 3\), got " + shape):
+        solve(f, torch.zeros(2, 3), method=method, max_iter=10)
+    assert len(calls) == 1
 
 
 def _explicit_broyden_trace(f, z, max_iter, window):
