@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .checks import check_choice, check_int, check_real
 from .solvers import SolverResult, _Tracker, check_method_options, check_solver_args, solve
 
 __all__ = ["SolverSettings", "DEQStats", "DEQ", "StatePacker", "BACKWARD_MODES"]
@@ -51,7 +52,7 @@ class SolverSettings:
 
     def __post_init__(self) -> None:
         check_solver_args(self.max_iter, self.tol, self.stop_mode, 2.0)
-        check_method_options(self.method, dict(self.options))
+        check_method_options(self.method, self.options)
 
     def replace(self, **changes: Any) -> "SolverSettings":
         return dataclasses.replace(self, **changes)
@@ -205,12 +206,9 @@ class DEQ(nn.Module):
         phantom_damping: float = 0.8,
     ):
         super().__init__()
-        if backward not in BACKWARD_MODES:
-            raise ValueError(f"unknown backward={backward!r}; choose one of {list(BACKWARD_MODES)}")
-        if isinstance(phantom_steps, bool) or int(phantom_steps) != phantom_steps or phantom_steps < 1:
-            raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
-        if not 0.0 < phantom_damping <= 1.0:
-            raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
+        check_choice("backward", backward, BACKWARD_MODES)
+        check_int("phantom_steps", phantom_steps, 1)
+        check_real("phantom_damping", phantom_damping, minimum=0, maximum=1, min_open=True)
         self.f = f
         self.forward_solver = forward_solver or SolverSettings()
         self.backward_solver = backward_solver or SolverSettings(tol=1e-4)

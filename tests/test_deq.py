@@ -246,6 +246,17 @@ def test_bad_layer_arguments(kwargs, name):
         DEQ(MLPMap(), **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(phantom_steps=2.0), r"phantom_steps must be an integer >= 1, got phantom_steps=2.0"),
+    (dict(phantom_damping="0.5"), r"phantom_damping must be a finite number in \(0, 1\], got phantom_damping='0.5'"),
+    (dict(backward=["implicit"]), r"backward=\['implicit'\]"),
+])
+def test_layer_arguments_are_refused_by_type_naming_them(kwargs, message):
+    """A whole float was taken for a step count and a string failed a comparison (TypeError)."""
+    with pytest.raises(ValueError, match=message):
+        DEQ(MLPMap(), **kwargs)
+
+
 def test_an_empty_batch_is_refused_before_any_call_of_f():
     calls = []
     deq = DEQ(lambda z, x: calls.append(1) or z)
@@ -269,6 +280,19 @@ def test_an_empty_batch_is_refused_before_any_call_of_f():
 def test_bad_solver_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SolverSettings(**kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("anderson", 10.0), r"max_iter must be an integer >= 1, got max_iter=10.0"),
+    (("anderson", 10, "1e-3"), r"tol must be a finite number > 0, got tol='1e-3'"),
+    (("anderson", 10, 1e-3, "rel", 3), r"options must be a mapping of names to values, got options=3"),
+    (("anderson", 10, 1e-3, "rel", {"m": 2.0}), r"m must be an integer >= 1, got m=2.0"),
+])
+def test_positional_solver_settings_are_checked_by_type(args, message):
+    """``SolverSettings("anderson", 10.0)`` was accepted, and pretraining (which loops
+    ``range(max_iter)``) crashed with a TypeError naming no key."""
+    with pytest.raises(ValueError, match=message):
+        SolverSettings(*args)
 
 
 # Second derivatives: a Hessian-vector product ``d/dtheta <v, dL/dtheta>`` of the parameters,
