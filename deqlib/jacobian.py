@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_int, is_real
+from .checks import check_int, check_real
 
 __all__ = ["frobenius_sq_per_dim", "spectral_radius", "estimate_spectral_radius", "SpectralRadius",
            "JacobianPenalty"]
@@ -53,8 +53,7 @@ def frobenius_sq_per_dim(
     Returns:
         ``(B,)`` unbiased estimates.
     """
-    if isinstance(n_probes, bool) or int(n_probes) != n_probes or n_probes < 1:
-        raise ValueError(f"n_probes must be an integer >= 1, got n_probes={n_probes!r}")
+    check_int("n_probes", n_probes, 1)
     total = z.new_zeros(z.shape[0])
     for eps in _probes(z, int(n_probes), generator):
         (vjp,) = torch.autograd.grad(fz, z, eps, retain_graph=True, create_graph=create_graph)
@@ -124,8 +123,7 @@ def estimate_spectral_radius(
     check_int("n_iter", n_iter, 1)
     check_int("n_vectors", n_vectors, 1)
     check_int("check_every", check_every, 1)
-    if not (is_real(tol) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a finite number > 0, got tol={tol!r}")
+    check_real("tol", tol, minimum=0, min_open=True)
     B, D = z.shape
     k = min(int(n_vectors), D)
 
@@ -196,13 +194,9 @@ class JacobianPenalty:
     n_probes: int = 1
 
     def __post_init__(self) -> None:
-        # Types first: "0.5" or True would otherwise fail a comparison with a TypeError, or pass.
-        for name in ("gamma", "gamma_end"):
-            value = getattr(self, name)
-            if value is not None and not (is_real(value) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-        if not (is_real(self.p) and 0.0 <= self.p <= 1.0):
-            raise ValueError(f"p must be in [0, 1], got p={self.p!r}")
+        check_real("gamma", self.gamma, minimum=0)
+        check_real("gamma_end", self.gamma_end, minimum=0, optional=True)
+        check_real("p", self.p, minimum=0, maximum=1)
         check_int("n_probes", self.n_probes, 1)
 
     @property

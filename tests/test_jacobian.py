@@ -116,6 +116,9 @@ def test_penalty_schedule_and_frequency():
         (dict(gamma=True), "gamma=True"),
         (dict(p="0.5"), "p='0.5'"),
         (dict(n_probes=2.0), "n_probes=2.0"),
+        (dict(gamma=math.inf), "gamma=inf"),
+        (dict(p=math.nan), "p=nan"),
+        (dict(gamma_end="2.5"), "gamma_end='2.5'"),
     ],
 )
 def test_bad_penalty_arguments(kwargs, name):
@@ -129,6 +132,12 @@ def test_bad_estimator_arguments():
         frobenius_sq_per_dim(z, fz, 0)
     with pytest.raises(ValueError, match="n_iter"):
         spectral_radius(z, fz, n_iter=0)
+    # A whole float was taken for a count, and NaN raised int()'s error naming nothing.
+    for bad in (2.0, math.nan, "2"):
+        with pytest.raises(ValueError, match=rf"n_probes must be an integer >= 1, got n_probes={bad!r}"):
+            frobenius_sq_per_dim(z, fz, bad)
+    with pytest.raises(ValueError, match=r"tol must be a finite number > 0, got tol=inf"):
+        spectral_radius(z, fz, tol=math.inf)
 
 
 def test_probes_come_from_the_given_generator_whatever_the_device_of_the_states():
