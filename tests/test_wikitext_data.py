@@ -1,5 +1,6 @@
 """deqlib.data.wikitext: vocabulary, batchify, segments, the real slice, the download."""
 
+import dataclasses
 import hashlib
 import zipfile
 
@@ -135,3 +136,37 @@ def test_download_checksum_mismatch_and_offline_errors(tmp_path):
     assert not (root / "wikitext-103").exists() and not (root / "wikitext-103-v1.zip").exists()
     with pytest.raises(FileNotFoundError, match="download=False"):
         load_wikitext(WikiTextData(root=str(root), download=False))
+
+
+def _local(tmp_path, train: bytes, evaluation: bytes = b"a b\n") -> WikiTextData:
+    (tmp_path / "valid.txt").write_bytes(train)
+    (tmp_path / "test.txt").write_bytes(evaluation)
+    return WikiTextData(root=str(tmp_path), folder="", train_file="valid.txt", eval_file="test.txt",
+                        download=False)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_a_file_that_is_not_utf8_is_named_with_where(tmp_path, split):
+    """A bare UnicodeDecodeError named neither the file nor where in it the bad byte is."""
+    bad = b"a b\nc \x9f\xfe d\n"  # 0x9f cannot start a UTF-8 character: line 2, byte 6
+    cfg = _local(tmp_path, bad, b"a b\n") if split == "train" else _local(tmp_path, CORPUS.encode(), bad)
+    name = "valid.txt" if split == "train" else "test.txt"
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(line 2, byte 6: invalid start byte 0x9f\)"):
+        load_wikitext(cfg)
+
+
+@pytest.mark.parametrize("text", [b"", b"\n \n\t\n"], ids=["empty", "blank_lines"])
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_a_file_without_words_is_named(tmp_path, split, text):
+    """An empty training file gave a one-word vocabulary and failed later, in batchify, with
+    '0 tokens are too few' and no file name; an empty evaluation file, after training."""
+    cfg = _local(tmp_path, text) if split == "train" else _local(tmp_path, CORPUS.encode(), text)
+    name = "valid.txt" if split == "train" else "test.txt"
+    with pytest.raises(ValueError, match=rf"{name} has no words"):
+        load_wikitext(cfg)
+
+
+def test_an_unseen_word_without_unk_names_the_file(tmp_path):
+    cfg = dataclasses.replace(_local(tmp_path, CORPUS.encode(), b"a zebra\n"), unk="<missing>")
+    with pytest.raises(ValueError, match=r"test.txt: word 'zebra' is not in the vocabulary"):
+        load_wikitext(cfg)

@@ -63,10 +63,35 @@ _HEADERS = {"User-Agent": "deqlib/0.1 (research reproduction; python-urllib)"}
 
 
 def read_lines(path: str | os.PathLike) -> Iterable[list[str]]:
-    """Yield the tokens of each line of ``path`` followed by ``<eos>`` (blank lines too)."""
+    """Yield the tokens of each line of ``path`` followed by ``<eos>`` (blank lines too).
+
+    Raises ValueError naming the file, the line and the byte where it is not UTF-8 (a bare
+    UnicodeDecodeError names neither, and its position counts from a chunk of the file).
+    """
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            yield line.split() + [EOS]
+        try:
+            for line in fh:
+                yield line.split() + [EOS]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({_first_bad_byte(path)})") from err
+
+
+def _first_bad_byte(path: str | os.PathLike) -> str:
+    """Where ``path`` first fails to decode as UTF-8, found line by line (a byte 0x0A is never
+    part of a multi-byte character, so the lines of the raw bytes decode on their own)."""
+    offset = 0
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number}, byte {offset + err.start}: {err.reason} 0x{raw[err.start]:02x}"
+            offset += len(raw)
+    return "a decoding error that a second reading did not meet"
+
+
+class _UnknownWord(ValueError):
+    """A word outside the vocabulary with no ``unk`` to map it to (the caller names the file)."""
 
 
 class Vocabulary:
@@ -104,8 +129,8 @@ class Vocabulary:
                 i = get(w)
                 if i is None:
                     if unk_id is None:
-                        raise ValueError(f"word {w!r} is not in the vocabulary and unk={unk!r} "
-                                         "is not a word of it")
+                        raise _UnknownWord(f"word {w!r} is not in the vocabulary and unk={unk!r} "
+                                           "is not a word of it")
                     i, n_unknown = unk_id, n_unknown + 1
                 ids.append(i)
         return torch.frombuffer(ids, dtype=torch.int64).clone() if len(ids) else torch.zeros(0, dtype=torch.int64), n_unknown
@@ -226,6 +251,13 @@ def load_wikitext(cfg: WikiTextData, base: str | os.PathLike | None = None) -> d
             raise FileNotFoundError(f"WikiText files missing: {missing} (download=False)")
         fetch_wikitext103(root)
     vocab = Vocabulary.build(read_lines(paths["train"]))
+    if len(vocab) == 1:  # else: a one-word model, and a 'too few tokens' error naming no file
+        raise ValueError(f"{paths['train']} has no words (the training split is empty or blank)")
     train, _ = vocab.encode(read_lines(paths["train"]), cfg.unk)
-    evaluation, unknown = vocab.encode(read_lines(paths["eval"]), cfg.unk)
+    try:
+        evaluation, unknown = vocab.encode(read_lines(paths["eval"]), cfg.unk)
+    except _UnknownWord as err:  # an unseen word without an unk: say which file holds it
+        raise ValueError(f"{paths['eval']}: {err}") from err
+    if not bool((evaluation != vocab.index[EOS]).any()):  # else met only after training
+        raise ValueError(f"{paths['eval']} has no words (the evaluation split is empty or blank)")
     return {"vocab": vocab, "train": train, "eval": evaluation, "eval_unknown": unknown, "paths": paths}
