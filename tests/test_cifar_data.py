@@ -157,9 +157,16 @@ def _good_batch(n=2, **change):
     (_good_batch(data=np.full((2, 3072), 300, dtype=np.int64)), r"data_batch_3: pixel data is torch.int64"),
     (_good_batch(data=np.full((2, 3072), 0.5)), r"data_batch_3: pixel data is torch.float64"),
     (pickle.dumps([1, 2], protocol=2), r"data_batch_3 holds a list"),
-], ids=["truncated", "no_labels", "int64_pixels", "float_pixels", "not_a_dict"])
+    (_good_batch(data=np.zeros((2, 3072), dtype=object)), r"data_batch_3: pixel data is an array of object"),
+    (_good_batch(labels=["cat", "dog"]), r"data_batch_3: labels must be integers, got 'cat' \(str\) at 0"),
+    (_good_batch(labels=[b"\x01", b"\x02"]), r"data_batch_3: labels must be integers, got b'\\x01' \(bytes\)"),
+    (_good_batch(labels=[1, 2.5]), r"data_batch_3: labels must be integers, got 2.5 \(float\) at 1"),
+    (_good_batch(labels=[True, False]), r"data_batch_3: labels must be integers, got True \(bool\)"),
+], ids=["truncated", "no_labels", "int64_pixels", "float_pixels", "not_a_dict", "object_pixels",
+        "str_labels", "bytes_labels", "float_labels", "bool_labels"])
 def test_a_bad_batch_file_is_named(tmp_path, blob, message):
-    """Not a raw KeyError or EOFError, and no silent cast (300 wrapped to 44, 0.5 floored)."""
+    """Not a raw KeyError, EOFError or TypeError, and no silent cast (300 wrapped to 44, 0.5
+    floored; a label 2.5 truncated to 2, True read as 1, a bytes label b'\\x01' as a row [1])."""
     folder = tmp_path / CIFAR_FOLDER
     folder.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:

@@ -14,6 +14,7 @@ training loop's per-step seeding (``TensorBatches(..., transform=CifarTransform(
 from __future__ import annotations
 
 import io
+import numbers
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +124,34 @@ def _read_pickle(path: Path, keys: tuple[str, ...]) -> dict:
     return d
 
 
+def _read_labels(path: Path, labels: object) -> Tensor:
+    """``labels`` as int64 ``(n,)``; ValueError naming the file and the first label that is not
+    an integer. ``torch.tensor(..., dtype=int64)`` would truncate 2.5 to 2, read True as 1 and
+    a bytes label as a row of its byte values, and fail on a string with no file named."""
+    try:
+        values = list(labels)
+    except TypeError as err:
+        raise ValueError(f"{path}: labels must be a sequence of integers, got {labels!r} "
+                         f"({type(labels).__name__})") from err
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # numpy ints are Integral
+            raise ValueError(f"{path}: labels must be integers, got {v!r} ({type(v).__name__}) at {i}")
+    try:
+        return torch.tensor([int(v) for v in values], dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError) as err:  # beyond int64
+        raise ValueError(f"{path}: labels out of the int64 range ({err})") from err
+
+
 def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
     """One batch file -> ``(uint8 (n, 3, 32, 32), int64 (n,))`` with ``n = len(labels)``."""
     d = _read_pickle(path, ("data", "labels"))
-    labels = torch.tensor(list(d["labels"]), dtype=torch.int64)
-    data = torch.as_tensor(d["data"])
+    labels = _read_labels(path, d["labels"])
+    dtype = getattr(d["data"], "dtype", None)
+    try:
+        data = torch.as_tensor(d["data"])
+    except (TypeError, ValueError, RuntimeError) as err:  # object or string arrays, ragged lists
+        what = f"an array of {dtype}" if dtype is not None else f"a {type(d['data']).__name__}"
+        raise ValueError(f"{path}: pixel data is {what}, expected uint8 (0..255)") from err
     if data.dtype != torch.uint8:  # a cast would wrap 300 to 44 and floor 0.5 to 0
         raise ValueError(f"{path}: pixel data is {data.dtype}, expected uint8 (0..255)")
     n = len(labels)
