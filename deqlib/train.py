@@ -22,6 +22,11 @@ caller's ``identity`` (the experiment's whole config); a checkpoint that differs
 is not resumed from (a warning names the keys) and the run starts afresh. The pipeline's runner
 asks the notebooks' runs to checkpoint under ``$DEQLIB_RUN_DIR`` (:func:`pipeline_run_dir`), so
 that a killed ``dvc repro`` resumes each arm where it stopped.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: a file planted where a checkpoint
+goes could otherwise run code when unpickled, before its run identity is even compared. So a
+checkpoint holds tensors and plain values only (the run identity is converted on save), and one
+that cannot be read (foreign, empty, cut short) is warned about, naming it, and not resumed from.
 """
 
 from __future__ import annotations
@@ -40,14 +45,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_open, leftover_temporaries
 from .checks import check_int
 from .deq import DEQStats, SolverSettings
 from .jacobian import JacobianPenalty
 
 __all__ = ["TrainConfig", "StepOutput", "TensorBatches", "train", "TrainResult", "atomic_save", "evaluate",
-           "make_accelerator", "pipeline_run_dir", "RUN_DIR_ENV", "equilibrium_mean"]
+           "make_accelerator", "pipeline_run_dir", "RUN_DIR_ENV", "equilibrium_mean", "checkpoint_files",
+           "remove_pipeline_checkpoints"]
 
 RUN_DIR_ENV = "DEQLIB_RUN_DIR"
+# In $DEQLIB_RUN_DIR: one line per arm folder pipeline_run_dir handed out, so that the runner
+# removes what the run's arms wrote there and nothing else.
+ARMS_FILE = ".arms"
+CHECKPOINT = "checkpoint.pt"
+_RANK_FILE = re.compile(r"checkpoint\.rank\d+\.pt")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -177,12 +189,45 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` through :func:`deqlib.atomic.atomic_open`: a kill mid-save leaves the
+    previous checkpoint, never a part of the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` as the values ``torch.load(weights_only=True)`` reads back (dicts, lists, tuples,
+    strings, numbers, None, tensors): a path becomes its string, a NumPy number its Python
+    number. Anything else raises ValueError naming its key (``where``), before any training."""
+    if obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):  # a named tuple too: its class is not loadable
+        return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return obj.item()
+    raise ValueError(f"a checkpoint holds plain values only: {where}={obj!r} (a {type(obj).__name__}) "
+                     "cannot be saved; give a string or number in its place")
+
+
+def _read_checkpoint(path: Path, consequence: str) -> Any:
+    """``torch.load(path, weights_only=True)``, or None with a warning naming ``path`` when it
+    cannot be read: a file that would run code when unpickled, or one cut short or emptied (a
+    full disk, an interrupted copy). Such a file must not stop every later run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the file holds, the run goes on without it
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"cannot read the checkpoint {path} ({type(err).__name__}: {first}); {consequence}",
+                      stacklevel=3)
+        return None
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -210,9 +255,26 @@ def _rank_path(ckpt_path: Path, rank: int) -> Path:
     return ckpt_path.with_name(f"{ckpt_path.stem}.rank{rank}{ckpt_path.suffix}")
 
 
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """The files :func:`train` has written in ``run_dir`` (its checkpoint, the per-process
+    files, temporaries a killed save left), sorted; what else the folder holds is not listed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    ours = [p for p in run_dir.iterdir() if p.name == CHECKPOINT or _RANK_FILE.fullmatch(p.name)]
+    ours += [t for p in [run_dir / CHECKPOINT, *ours] for t in leftover_temporaries(p)]
+    return sorted(set(ours))
+
+
 def _load_rank_state(model: nn.Module, path: Path, step: int, world: int) -> None:
     """Give each module its own process's extra state from ``path``, if it matches the run."""
-    state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    state = None
+    if path.exists():
+        state = _read_checkpoint(path, "this process resumes with the main process's state")
+        if state is None:
+            return
+    if not (isinstance(state, dict) and {"step", "world", "extra"} <= set(state)):
+        state = None
     if state is None or state["step"] != step or state["world"] != world:
         found = "none" if state is None else f"step {state['step']} of a {state['world']}-process run"
         warnings.warn(f"no per-process state for step {step} of this {world}-process run at {path} "
@@ -224,11 +286,48 @@ def _load_rank_state(model: nn.Module, path: Path, step: int, world: int) -> Non
 def pipeline_run_dir(name: str) -> Path | None:
     """``$DEQLIB_RUN_DIR/<name>`` (``name`` made a safe folder name), where ``pipelines.run``
     asks a notebook's training runs to checkpoint; None when the variable is unset (a plain
-    notebook, nbval): no checkpoints."""
+    notebook, nbval): no checkpoints. The folder is noted in ``$DEQLIB_RUN_DIR/.arms``, so that
+    :func:`remove_pipeline_checkpoints` removes what the arms wrote there and nothing else."""
     root = os.environ.get(RUN_DIR_ENV, "")
     if not root:
         return None
-    return Path(root) / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+    if safe.strip(".") == "":  # "", "." and ".." name no folder of their own
+        safe = "run"
+    folder = Path(root) / safe
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ARMS_FILE, "a") as fh:  # one short append: whole lines
+        fh.write(safe + "\n")
+    return folder
+
+
+def remove_pipeline_checkpoints(root: str | Path) -> None:
+    """Remove what the training arms of a pipeline run wrote under ``root`` (its
+    ``$DEQLIB_RUN_DIR``): the :func:`checkpoint_files` of each arm folder that
+    :func:`pipeline_run_dir` handed out, the list of them, and the folders that leaves empty.
+    Anything else there (a file of the user's) is kept, and so is its folder."""
+    root = Path(root)
+    arms_file = root / ARMS_FILE
+    try:
+        names = set(arms_file.read_text().split())
+    except FileNotFoundError:
+        names = set()
+    for name in sorted(names):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.strip(".") == "":
+            continue  # not a name pipeline_run_dir writes (a line cut short cannot climb out)
+        folder = root / name
+        for path in checkpoint_files(folder):
+            path.unlink(missing_ok=True)
+        _remove_if_empty(folder)
+    arms_file.unlink(missing_ok=True)
+    _remove_if_empty(root)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or not there
+        pass
 
 
 def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -294,12 +393,14 @@ def train(
     scaler = getattr(accelerator, "scaler", None)  # fp16: the loss scale and its growth count
     ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
     start, records = 0, []
-    run_id = {"train": dataclasses.asdict(cfg), "total_steps": total, "steps_per_epoch": data.steps_per_epoch,
-              "identity": dict(identity or {})}
+    run_id = _plain({"train": dataclasses.asdict(cfg), "total_steps": total, "steps_per_epoch": data.steps_per_epoch,
+                     "identity": dict(identity or {})}, "run")
     state = None
     if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state.get("run") != run_id:
+        state = _read_checkpoint(ckpt_path, "not resuming from it: this run starts afresh and overwrites it")
+        if state is not None and not isinstance(state, dict):
+            state = {}
+        if state is not None and state.get("run") != run_id:
             keys = _differing_keys(state.get("run") or {}, run_id)
             warnings.warn(f"{ckpt_path} is a checkpoint of another run (it differs in {keys[:8]}); "
                           "not resuming from it: this run starts afresh and overwrites it", stacklevel=2)

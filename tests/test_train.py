@@ -102,6 +102,7 @@ def test_pipeline_run_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
     assert pipeline_run_dir("MDEQ + JR") == tmp_path / "MDEQ_JR"
     assert pipeline_run_dir("gamma_0.5") == tmp_path / "gamma_0.5"
+    assert pipeline_run_dir("..") == pipeline_run_dir("/") == tmp_path / "run"  # never a folder outside
 
 
 def test_records_hold_solver_statistics_and_penalty():
@@ -132,7 +133,7 @@ def test_penalty_lowers_the_jacobian():
 def test_checkpoint_loads_into_a_fresh_model(tmp_path):
     model, data = _setup()
     train(model, data, replace(CFG, max_steps=3), run_dir=tmp_path, progress=False)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     fresh, _ = _setup()
     fresh.load_state_dict(state["model"])  # strict: keys match the code
     assert state["step"] == 3 and len(state["records"]) == 3
@@ -227,3 +228,122 @@ def test_each_process_gets_its_share_of_one_global_batch_and_its_own_random_draw
     one = torch.rand(4, generator=_gen(3, 5, 2))
     assert torch.equal(torch.rand(4, generator=_rank_gen(3, 5, 2, 0)), one)
     assert not torch.equal(torch.rand(4, generator=_rank_gen(3, 5, 2, 1)), one)
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: a checkpoint that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _fresh_run(cfg=CFG):
+    model, data = _setup(cfg)
+    return model, train(model, data, cfg, progress=False)
+
+
+def test_a_checkpoint_that_runs_code_when_loaded_is_not_loaded(tmp_path):
+    """A planted ``checkpoint.pt`` whose unpickling would create a file: nothing is executed,
+    a warning names the file, and the run is the fresh run, bit for bit."""
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"run": _RunsCode(marker), "step": 3}, run_dir / "checkpoint.pt")
+    model, data = _setup()
+    with pytest.warns(UserWarning, match=rf"cannot read the checkpoint {run_dir / 'checkpoint.pt'}"):
+        res = train(model, data, CFG, run_dir=run_dir, progress=False)
+    assert not marker.exists(), "loading the checkpoint ran its code"
+    assert res.resumed_from == 0
+    fresh_model, fresh = _fresh_run()
+    for (name, pa), pb in zip(model.state_dict().items(), fresh_model.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    # the planted file was overwritten by this run's own checkpoint, which resumes
+    again = train(_setup()[0], data, CFG, run_dir=run_dir, progress=False)
+    assert again.resumed_from == fresh.steps
+
+
+def test_a_per_process_file_that_runs_code_is_not_loaded(tmp_path):
+    from deqlib.train import _load_rank_state
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.rank1.pt"
+    torch.save({"step": 5, "world": 2, "extra": _RunsCode(marker)}, path)
+    with pytest.warns(UserWarning, match=rf"cannot read the checkpoint {path}"):
+        _load_rank_state(torch.nn.Linear(2, 2), path, 5, 2)
+    assert not marker.exists(), "loading the per-process state ran its code"
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_checkpoint_warns_naming_it_and_the_run_starts_afresh(tmp_path, damage):
+    """What a full disk or a copy cut short leaves: every rerun used to stop with an EOFError
+    or OSError naming no file."""
+    model, data = _setup()
+    train(model, data, CFG, run_dir=tmp_path, progress=False, stop_after=5)
+    path = tmp_path / "checkpoint.pt"
+    blob = path.read_bytes()
+    path.write_bytes(b"" if damage == "empty" else blob[: len(blob) // 2])
+    model_b, data = _setup()
+    with pytest.warns(UserWarning, match=rf"cannot read the checkpoint {path}.*starts afresh"):
+        res = train(model_b, data, CFG, run_dir=tmp_path, progress=False)
+    assert res.resumed_from == 0 and res.steps == 16
+    fresh_model, _ = _fresh_run()
+    for (name, pa), pb in zip(model_b.state_dict().items(), fresh_model.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_the_project_s_checkpoints_load_without_running_code(tmp_path):
+    """Everything train() saves loads with ``weights_only=True`` (tensors and plain types only);
+    a run identity holding a path or a NumPy number is saved as plain values and still resumes."""
+    import numpy as np
+
+    identity = {"data": {"root": tmp_path / "data", "fraction": np.float64(0.5)}}
+    model, data = _setup()
+    train(model, data, replace(CFG, max_steps=3), run_dir=tmp_path, progress=False, identity=identity)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["run"]["identity"] == {"data": {"root": str(tmp_path / "data"), "fraction": 0.5}}
+    again = train(_setup()[0], data, replace(CFG, max_steps=3), run_dir=tmp_path, progress=False,
+                  identity=identity)
+    assert again.resumed_from == 3
+
+
+def test_an_identity_that_cannot_be_saved_is_refused_naming_the_key(tmp_path):
+    model, data = _setup()
+    with pytest.raises(ValueError, match=r"identity\.model\.act"):
+        train(model, data, CFG, run_dir=tmp_path, progress=False, identity={"model": {"act": torch.tanh}})
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_removing_a_pipeline_run_s_checkpoints_keeps_everything_else(monkeypatch, tmp_path):
+    """Only the files the arms' training wrote go (and the folders that leaves empty); a user's
+    files there stay, and so do the folders holding them."""
+    from deqlib.train import atomic_save, checkpoint_files, remove_pipeline_checkpoints
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "my_model.pt").write_text("mine")
+    (root / "other").mkdir()
+    (root / "other" / "checkpoint.pt").write_text("not an arm of this run")
+    monkeypatch.setenv(RUN_DIR_ENV, str(root))
+    arm_a, arm_b = pipeline_run_dir("gamma 0.5"), pipeline_run_dir("MDEQ + JR")
+    for arm in (arm_a, arm_b):
+        atomic_save({"step": 1}, arm / "checkpoint.pt")
+        atomic_save({"step": 1}, arm / "checkpoint.rank1.pt")
+    (arm_a / ".checkpoint.pt.tmp-999-abcd").write_bytes(b"a killed save")
+    (arm_b / "notes.txt").write_text("mine too")
+    assert [p.name for p in checkpoint_files(arm_a)] == [".checkpoint.pt.tmp-999-abcd", "checkpoint.pt",
+                                                         "checkpoint.rank1.pt"]
+    remove_pipeline_checkpoints(root)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "MDEQ_JR", "MDEQ_JR/notes.txt", "my_model.pt", "other", "other/checkpoint.pt"]
+    remove_pipeline_checkpoints(root)  # nothing left of the run: a no-op
+    (root / "my_model.pt").unlink()
+    (root / "other" / "checkpoint.pt").unlink()
+    (root / "other").rmdir()
+    (arm_b / "notes.txt").unlink()
+    monkeypatch.setenv(RUN_DIR_ENV, str(root))
+    pipeline_run_dir("MDEQ + JR")
+    remove_pipeline_checkpoints(root)
+    assert not root.exists(), "a folder the run left empty is removed"
