@@ -61,6 +61,16 @@ class SolverSettings:
         return solve(f, z0, self.method, self.max_iter, self.tol, self.stop_mode, **self.options)
 
 
+def _structure(state: Any) -> str:
+    """What a state is, in words: ``a tensor (2, 3)``, ``a list of [(2, 3), (2, 4)]``."""
+    if isinstance(state, Tensor):
+        return f"a tensor {tuple(state.shape)}"
+    if isinstance(state, (list, tuple)):
+        parts = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in state]
+        return f"a {type(state).__name__} of {parts}"
+    return f"a {type(state).__name__}"
+
+
 class StatePacker:
     """Packs a list of per-sample tensors ``[(B, *s_i)]`` into one ``(B, sum_i prod(s_i))``.
 
@@ -84,9 +94,19 @@ class StatePacker:
         self.sizes = [t[0].numel() for t in tensors]
 
     def pack(self, state: State) -> Tensor:
-        if self.single:
+        """``state`` as ``(B, D)``. ValueError naming both structures if ``state`` is not shaped
+        like the one this packer was made from: flattening alone would read an output of ``f``
+        of another shape but as many numbers (transposed, scales swapped) in the wrong order."""
+        if self.single and isinstance(state, Tensor) and state.shape[1:] == self.shapes[0] \
+                and state.shape[0] == self.batch:
             return state.reshape(self.batch, -1)
-        return torch.cat([t.reshape(self.batch, -1) for t in state], dim=1)
+        if not self.single and isinstance(state, (list, tuple)) and len(state) == len(self.shapes) \
+                and all(isinstance(t, Tensor) and t.shape[0:1] == (self.batch,) and t.shape[1:] == s
+                        for t, s in zip(state, self.shapes)):
+            return torch.cat([t.reshape(self.batch, -1) for t in state], dim=1)
+        full = [(self.batch, *s) for s in self.shapes]
+        expected = f"a tensor {full[0]}" if self.single else f"a list of {full}"
+        raise ValueError(f"f(z, x) must return the structure of z0, {expected}; got {_structure(state)}")
 
     def unpack(self, flat: Tensor) -> State:
         if self.single:

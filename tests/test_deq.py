@@ -386,3 +386,20 @@ def test_phantom_second_derivative_is_that_of_its_steps_from_a_fixed_z_star():
     _assert_rel_close(got, _hvp(Steps(), x, z0, weight, v), 1e-10)
     ref = _equilibrium_hvp(f, x, z0, weight, v)
     assert max(((g - r).norm() / r.norm()).item() for g, r in zip(got, ref)) > 1e-2
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "unrolled"])
+@pytest.mark.parametrize("out, z0, said", [
+    (lambda z: z.reshape(4, 2, 3), torch.zeros(4, 3, 2), r"a tensor \(4, 2, 3\)"),
+    (lambda z: [z], torch.zeros(4, 3, 2), r"a list of \[\(4, 3, 2\)\]"),
+    (lambda z: z[1], [torch.zeros(2, 3), torch.zeros(2, 4)], r"a tensor \(2, 4\)"),
+    (lambda z: [z[0], z[1], z[1]], [torch.zeros(2, 3), torch.zeros(2, 4)], r"a list of \[\(2, 3\), \(2, 4\), \(2, 4\)\]"),
+    (lambda z: [z[1], z[0]], [torch.zeros(2, 3), torch.zeros(2, 4)], r"a list of \[\(2, 4\), \(2, 3\)\]"),
+], ids=["transposed", "list_for_tensor", "tensor_for_list", "one_more", "swapped"])
+def test_an_output_of_f_shaped_unlike_the_state_is_named(backward, out, z0, said):
+    """Packing flattened whatever f returned: a transposed output of as many numbers was read in
+    the state's order (wrong results, no error); a list for a tensor failed in ``reshape``."""
+    deq = DEQ(lambda z, x: out(z), forward_solver=SolverSettings("fixed_point", 3, 1e-6), backward=backward)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"f\(z, x\) must return .* got " + said):
+            deq(None, z0)
