@@ -107,33 +107,43 @@ def check_notebook(path: Path, rtol: float, atol: float, timeout: int, numerics:
     """Execute ``path``'s cells in its folder and compare each with its committed outputs."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
-    from pipelines.run import kernel_environment
+    from pipelines.run import kernel_config, kernel_environment
 
     committed = nbformat.read(path, as_version=4)
     fresh = copy.deepcopy(committed)
     report = NotebookReport(path)
-    client = NotebookClient(fresh, kernel_name="python3", timeout=timeout,
-                            resources={"metadata": {"path": str(path.resolve().parent)}})
     code = [i for i, c in enumerate(fresh.cells) if c.cell_type == "code"]
-    with kernel_environment(numerics), client.setup_kernel():
-        for n, i in enumerate(code, start=1):
-            cell = fresh.cells[i]
-            try:
-                client.execute_cell(cell, i)
-            except CellTimeoutError:
-                report.cells.append(CellReport(n, "timeout", math.inf,
-                                               f"ran past the {timeout} s limit per cell (--timeout)"))
-                break
-            except CellExecutionError as err:
-                report.cells.append(CellReport(n, "error", math.inf, str(err).strip().splitlines()[-1]))
-                break
-            if IGNORE_MARK in cell.source:
-                continue
-            status, rel, detail = compare_text(_text(committed.cells[i].outputs), _text(cell.outputs), rtol, atol)
-            report.cells.append(CellReport(n, status, rel, detail))
+    # The kernel listens on IPC sockets in a private folder, as in pipelines.run.
+    with kernel_environment(numerics), kernel_config() as config:
+        client = NotebookClient(fresh, kernel_name="python3", timeout=timeout, config=config,
+                                resources={"metadata": {"path": str(path.resolve().parent)}})
+        with client.setup_kernel():
+            _compare_cells(client, committed, fresh, code, report, rtol, atol, timeout)
     return report
+
+
+def _compare_cells(client, committed, fresh, code: list[int], report: NotebookReport, rtol: float, atol: float,
+                   timeout: int) -> None:
+    """Execute the code cells ``code`` of ``fresh`` in order on ``client``'s kernel, adding each
+    one's comparison with ``committed`` to ``report``; stop at an error or a timeout."""
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+    for n, i in enumerate(code, start=1):
+        cell = fresh.cells[i]
+        try:
+            client.execute_cell(cell, i)
+        except CellTimeoutError:
+            report.cells.append(CellReport(n, "timeout", math.inf,
+                                           f"ran past the {timeout} s limit per cell (--timeout)"))
+            break
+        except CellExecutionError as err:
+            report.cells.append(CellReport(n, "error", math.inf, str(err).strip().splitlines()[-1]))
+            break
+        if IGNORE_MARK in cell.source:
+            continue
+        status, rel, detail = compare_text(_text(committed.cells[i].outputs), _text(cell.outputs), rtol, atol)
+        report.cells.append(CellReport(n, status, rel, detail))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,13 +20,14 @@ def refresh(source: Path) -> Path:
     import jupytext
     from nbclient import NotebookClient
 
-    from pipelines.run import kernel_environment
+    from pipelines.run import kernel_config, kernel_environment
 
     source = source.resolve()
     nb = jupytext.read(source)
-    # The kernel runs in notebooks/ on the pinned numeric path, as in pipelines.run and nbval.
-    with kernel_environment("pinned"):
-        NotebookClient(nb, kernel_name="python3", timeout=1800,
+    # The kernel runs in notebooks/ on the pinned numeric path, as in pipelines.run and nbval,
+    # and listens on IPC sockets in a private folder, as in pipelines.run.
+    with kernel_environment("pinned"), kernel_config() as config:
+        NotebookClient(nb, kernel_name="python3", timeout=1800, config=config,
                        resources={"metadata": {"path": str(source.parent)}}).execute()
     target = source.with_suffix(".ipynb")
     jupytext.write(nb, target, fmt="ipynb")

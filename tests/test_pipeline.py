@@ -70,18 +70,18 @@ def test_a_killed_pipeline_run_resumes_its_finished_arms(tmp_path, monkeypatch):
     checkpoints are not rewritten), then removes them."""
     import pipelines.run as runner
 
-    real_rmtree = runner.shutil.rmtree
-    monkeypatch.setattr(runner.shutil, "rmtree", lambda *a, **k: None)  # as if killed before cleanup
+    real_remove = runner.remove_pipeline_checkpoints
+    monkeypatch.setattr(runner, "remove_pipeline_checkpoints", lambda root: None)  # as if killed before cleanup
     run("synthetic", profile="paper", overrides=PAPER_SMOKE["synthetic"], out=tmp_path)
     first = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("checkpoint.pt")}
     assert len(first) >= 2, first  # one per gamma arm
     seen = {}
 
-    def rmtree(path, *args, **kwargs):
-        seen.update({p: p.stat().st_mtime_ns for p in Path(path).rglob("checkpoint.pt")})
-        real_rmtree(path, *args, **kwargs)
+    def remove(root):
+        seen.update({p: p.stat().st_mtime_ns for p in Path(root).rglob("checkpoint.pt")})
+        real_remove(root)
 
-    monkeypatch.setattr(runner.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(runner, "remove_pipeline_checkpoints", remove)
     run("synthetic", profile="paper", overrides=PAPER_SMOKE["synthetic"], out=tmp_path)
     assert seen == first, "an arm was trained again instead of resumed"
     assert not (tmp_path / "checkpoints").exists()
@@ -219,3 +219,170 @@ def test_dvc_accepts_the_pipeline():
     assert proc.returncode == 0, proc.stderr
     for experiment in NOTEBOOKS:
         assert experiment in proc.stdout
+
+
+# --- the runner around the notebook: checked before a kernel starts, one run per folder, the
+# output folder changed only by a run that finished, only the run's checkpoints removed. A fake
+# papermill stands in for the kernel where the notebook's work is beside the point.
+
+def _fake_notebook(monkeypatch, write=None, fail=None):
+    """Replace papermill's execution with a function that writes ``write`` (name -> text) into
+    the notebook's ``output_dir``, trains the given arms (checkpoints through the real
+    ``pipeline_run_dir`` and ``atomic_save``), then raises ``fail`` if given."""
+    import papermill
+
+    from deqlib.train import atomic_save, pipeline_run_dir
+
+    calls = []
+
+    def execute_notebook(input_path, output_path, parameters=None, **kwargs):
+        calls.append(parameters)
+        out = Path(parameters["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        for arm in ("gamma_0", "gamma_1"):
+            atomic_save({"step": 1}, pipeline_run_dir(arm) / "checkpoint.pt")
+        for name, text in (write or {}).items():
+            (out / name).write_text(text)
+        Path(output_path).write_text(Path(input_path).read_text())
+        if fail is not None:
+            raise fail
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    return calls
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_run_leaves_the_output_folder_as_it_was(tmp_path, monkeypatch):
+    (tmp_path / "metrics.json").write_text('{"old": 1}\n')
+    (tmp_path / "training_curves.png").write_text("old figure")
+    before = _tree(tmp_path)
+    _fake_notebook(monkeypatch, {"metrics.json": '{"new": 2}\n', "training_curves.png": "new figure",
+                                 "fig9_target.png": "new"}, fail=RuntimeError("cell 7 failed"))
+    with pytest.raises(RuntimeError, match="cell 7 failed"):
+        run("synthetic", profile="small", out=tmp_path)
+    after = _tree(tmp_path)
+    kept = {k: v for k, v in after.items() if not k.startswith("checkpoints/")}
+    assert kept == before, "a failed run changed the output folder"
+    # the arms' checkpoints stay where they are, for the next run to resume
+    assert sorted(k for k in after if k.startswith("checkpoints/")) == [
+        "checkpoints/.arms", "checkpoints/gamma_0/checkpoint.pt", "checkpoints/gamma_1/checkpoint.pt"]
+
+
+def test_a_finished_run_publishes_its_files_and_clears_what_a_killed_run_left(tmp_path, monkeypatch):
+    (tmp_path / "metrics.json").write_text('{"old": 1}\n')
+    (tmp_path / "keep.txt").write_text("not the run's")
+    from pipelines.run import STAGING
+
+    (tmp_path / STAGING).mkdir()
+    (tmp_path / STAGING / "stale.png").write_text("from a killed run")
+    calls = _fake_notebook(monkeypatch, {"metrics.json": '{"loss": 0.5}\n', "curves.csv": "step\n0\n"})
+    nb = run("synthetic", profile="small", out=tmp_path)
+    assert nb == tmp_path / "notebook.ipynb" and nb.exists()
+    assert calls[0]["output_dir"] != str(tmp_path), "the notebook must write into a staging folder"
+    assert sorted(_tree(tmp_path)) == ["curves.csv", "keep.txt", "metrics.json", "notebook.ipynb"]
+    assert (tmp_path / "metrics.json").read_text() == '{"loss": 0.5}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.csv", "keep.txt", "metrics.json",
+                                                          "notebook.ipynb"], "staging, lock or checkpoints left"
+
+
+def test_a_finished_run_removes_only_the_checkpoints_its_arms_wrote(tmp_path, monkeypatch):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "my_model.pt").write_text("x")
+    _fake_notebook(monkeypatch, {"metrics.json": '{"loss": 0.5}\n'})
+    run("synthetic", profile="small", out=tmp_path)
+    assert _tree(tmp_path / "checkpoints") == {"my_model.pt": b"x"}, "a file the run did not write was removed"
+
+
+def test_a_run_whose_metrics_hold_no_finite_number_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    """Every arm diverged: each metric is NaN, written as null. The run must not look done."""
+    from pipelines.run import main
+
+    (tmp_path / "metrics.json").write_text('{"gamma_0": {"loss": 0.4}}\n')
+    _fake_notebook(monkeypatch, {"metrics.json": '{"gamma_0": {"loss": null, "nfe": null}, "gamma_1": {}}\n'})
+    status = main(["synthetic", "--profile", "small", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status != 0
+    assert err.count("\n") == 1 and "no finite number" in err and "metrics.json" in err, err
+    assert (tmp_path / "metrics.json").read_text() == '{"gamma_0": {"loss": 0.4}}\n'
+
+
+def test_a_second_run_into_the_same_folder_refuses_at_once(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    from pipelines.run import LOCK, main
+
+    calls = _fake_notebook(monkeypatch, {"metrics.json": '{"loss": 0.5}\n'})
+    with open(tmp_path / LOCK, "w") as held:  # what the first run holds while it runs
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status = main(["synthetic", "--profile", "small", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status != 0 and not calls, "the second run started a notebook"
+    assert err.count("\n") == 1 and str(tmp_path) in err and str(tmp_path / LOCK) in err, err
+    # released (the holder's process ended, or here closed the file): the lock file it left
+    # does not stop the next run, and that run leaves none behind
+    assert main(["synthetic", "--profile", "small", "--out", str(tmp_path)]) == 0 and len(calls) == 1
+    assert not (tmp_path / LOCK).exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--set", "train.max_step=3"], "max_step"),
+    (["--set", "train.lr=-1"], "lr=-1"),
+    (["--set", "gammas=oops"], "gammas"),
+])
+def test_a_config_error_is_one_line_before_any_kernel_starts(tmp_path, args, named):
+    """No kernel start, no papermill traceback: the message alone, exit status 2, and the
+    output folder untouched."""
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.run", "synthetic", "--profile", "small",
+                           "--out", str(out), *args], cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m pipelines.run") and named in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert _tree(out) == {"metrics.json": b"{}\n"}
+    assert elapsed < 60, elapsed
+
+
+def test_runs_start_kernels_over_ipc_without_the_tcp_warning(tmp_path, capfd):
+    """ipykernel warns that a TCP kernel's traffic is plain text (another local user can reach
+    the port); the kernels the pipeline starts listen on IPC sockets in a private folder."""
+    import nbformat
+
+    from pipelines.nbcheck import check_notebook
+    from pipelines.refresh import refresh
+
+    probe = ("from ipykernel.kernelapp import IPKernelApp\n"
+             "import os\n"
+             "app = IPKernelApp.instance()\n"
+             "print(app.transport, oct(os.stat(os.path.dirname(app.connection_file)).st_mode & 0o777))")
+    source = tmp_path / "probe.py"
+    source.write_text("# %%\n" + probe + "\n")
+    nb = nbformat.read(refresh(source), as_version=4)
+    assert nb.cells[0].outputs[0]["text"].split() == ["ipc", "0o700"]
+    report = check_notebook(source.with_suffix(".ipynb"), rtol=0.0, atol=0.0, timeout=60)
+    assert [c.status for c in report.cells] == ["identical"], report.summary(0.0, 0.0)
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.out + captured.err
+
+
+def test_a_pipeline_run_over_ipc_keeps_the_user_s_files(tmp_path):
+    """The command as typed: no TCP warning from the kernel, the arms' checkpoints removed and
+    a file of the user's under checkpoints/ kept."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "my_model.pt").write_text("x")
+    sets = [a for k, v in PAPER_SMOKE["synthetic"].items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.run", "synthetic", "--profile", "paper", *sets,
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "without encryption" not in proc.stdout + proc.stderr
+    assert _tree(tmp_path / "checkpoints") == {"my_model.pt": b"x"}
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "notebook.ipynb").exists()
