@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_open, leftover_temporaries
-from .checks import check_int
+from .checks import check_choice, check_int, check_real
 from .deq import DEQStats, SolverSettings
 from .jacobian import JacobianPenalty
 
@@ -96,22 +96,14 @@ class TrainConfig:
             check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "pretrain_steps", "seed", "checkpoint_every"):
             check_int(name, getattr(self, name), 0)
-        if self.max_steps is not None:
-            check_int("max_steps", self.max_steps, 1)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer={self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule={self.schedule!r}; choose one of {list(SCHEDULES)}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"unknown mixed_precision={self.mixed_precision!r}; choose one of {list(PRECISIONS)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got lr={self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got weight_decay={self.weight_decay!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got momentum={self.momentum!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or null, got grad_clip={self.grad_clip!r}")
+        check_int("max_steps", self.max_steps, 1, optional=True)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        check_real("lr", self.lr, minimum=0, min_open=True)
+        check_real("weight_decay", self.weight_decay, minimum=0)
+        check_real("momentum", self.momentum, minimum=0, maximum=1, max_open=True)
+        check_real("grad_clip", self.grad_clip, minimum=0, min_open=True, optional=True)  # null: no clipping
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """params.yaml -> typed configs: every profile builds; unknown keys and bad values are named."""
 
+import collections.abc
+import dataclasses
+import math
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from deqlib.config import (PROFILES, apply_overrides, build, load_experiment, load_yaml, parse_override, to_dict,
-                           training_identity)
+from deqlib.config import (PROFILES, apply_overrides, build, load_experiment, load_params, load_yaml, parse_override,
+                           to_dict, training_identity)
 from deqlib.experiments.cifar import CifarExperiment
 from deqlib.experiments.solvers import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
@@ -182,3 +187,83 @@ def test_a_switch_must_be_true_or_false(key, value):
     cfg = build(CifarExperiment, apply_overrides({}, {key: False}), "x")
     section, field = key.split(".")
     assert getattr(getattr(cfg, section), field) is False
+
+
+def _leaf_keys(cls, prefix=""):
+    """``(dotted key, type)`` of every value a config class takes, sections walked into."""
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        tp = hints[fld.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        sub = tp if dataclasses.is_dataclass(tp) else next((a for a in args if dataclasses.is_dataclass(a)), None)
+        if sub is not None:
+            yield from _leaf_keys(sub, f"{prefix}{fld.name}.")
+        else:
+            yield f"{prefix}{fld.name}", (args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp)
+
+
+def _wrong_values(tp):
+    """Values of the wrong kind for a key of type ``tp``: what each key must refuse by name."""
+    if tp is bool:
+        return ["no", 0]
+    if tp is int:
+        return [2.0, "3", math.inf]  # 2.0: the whole float every other integer key refused
+    if tp is float:
+        return ["abc", math.inf, math.nan, True]  # no config key has a use for infinity
+    if tp is str:
+        return [3, ["a"]]
+    if typing.get_origin(tp) is tuple:
+        elem = typing.get_args(tp)[0]
+        return {int: [[2.0], "12"], float: [["abc"], [math.inf]], str: [[3], "abc"]}[elem]
+    if typing.get_origin(tp) is collections.abc.Mapping:
+        return [3]
+    raise AssertionError(f"no wrong values for {tp}")
+
+
+def _key_cases():
+    for name, cls in sorted(EXPERIMENTS.items()):
+        for key, tp in _leaf_keys(cls):
+            for value in _wrong_values(tp):
+                yield pytest.param(name, key, value, id=f"{name}.{key}={value!r}")
+
+
+_SMALL = {name: load_params(ROOT / "params.yaml")[name]["small"] for name in EXPERIMENTS}
+
+
+@pytest.mark.parametrize("experiment, key, value", list(_key_cases()))
+def test_every_key_refuses_a_wrong_value_naming_the_key(experiment, key, value):
+    """Every key, however deep, is checked by type before any comparison, and its message names
+    it: ``in <section>: <key> must be ..., got <key>=<value>``. A float key given a string named
+    only its section (a TypeError from a comparison), an integer key took 2.0 (then failed
+    inside a run), a float key took infinity."""
+    section, _, leaf = key.rpartition(".")
+    where = f"{experiment}.small" + (f".{section}" if section else "")
+    with pytest.raises(ValueError) as info:
+        build(EXPERIMENTS[experiment], apply_overrides(_SMALL[experiment], {key: value}), f"{experiment}.small")
+    message = str(info.value)
+    shown = [repr(value)] + ([repr(tuple(value))] if isinstance(value, list) else [])
+    assert where in message and " must be " in message, message
+    assert any(f"{leaf}={s}" in message for s in shown), message
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eval.method", "newton", r"method must be one of \['anderson', 'broyden', 'fixed_point'\], got method='newton'"),
+    ("eval.tol", math.inf, r"tol must be a finite number in \(0, 1\), got tol=inf"),
+    ("eval.tol", 1.5, r"tol must be .*, got tol=1.5"),  # a relative residual: 1 or more is every iterate
+    ("eval.grid", 100_000, r"grid must be an integer in \[2, 1000\], got grid=100000"),
+    ("eval.nfe_cap", 2.0, r"nfe_cap must be an integer >= 2, got nfe_cap=2.0"),
+])
+def test_synthetic_eval_keys_are_checked_before_any_arm_trains(key, value, message):
+    """Each was found only after an arm had trained (method, tol) or after all four (grid, when
+    the surfaces are drawn)."""
+    with pytest.raises(ValueError, match=r"in synthetic\.small\.eval: " + message):
+        load_experiment(SyntheticExperiment, "synthetic", "small", {key: value}, params_path=ROOT / "params.yaml")
+
+
+def test_an_integer_solver_budget_refuses_a_whole_float():
+    """``train.forward.max_iter=2.0`` was accepted, then pretraining's ``range(max_iter)``
+    failed with a TypeError naming no key."""
+    with pytest.raises(ValueError, match=r"in synthetic\.small\.train\.forward: max_iter must be an integer >= 1, "
+                                         r"got max_iter=2\.0"):
+        load_experiment(SyntheticExperiment, "synthetic", "small", {"train.forward.max_iter": 2.0},
+                        params_path=ROOT / "params.yaml")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, check_int, check_str
 from .download import data_root, download, extract
 
 __all__ = [
@@ -70,12 +71,12 @@ class CifarDataConfig:
     n_test: int | None = None
 
     def __post_init__(self) -> None:
+        check_str("root", self.root)
+        for name in ("download", "augment"):
+            check_bool(name, getattr(self, name))
+        check_int("pad", self.pad, 0, 16)
         for name in ("n_train", "n_test"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 or null, got {name}={value!r}")
-        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or not 0 <= self.pad <= 16:
-            raise ValueError(f"pad must be an integer in [0, 16], got pad={self.pad!r}")
+            check_int(name, getattr(self, name), 1, optional=True)
 
 
 @dataclass

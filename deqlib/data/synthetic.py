@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_int, check_real
+
 __all__ = ["SyntheticConfig", "target_function", "make_synthetic"]
 
 
@@ -34,11 +36,11 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_valid"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {name}={v!r}")
-        if not (math.isfinite(self.noise_var) and self.noise_var >= 0):
-            raise ValueError(f"noise_var must be >= 0, got noise_var={self.noise_var!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        check_real("noise_var", self.noise_var, minimum=0)
+        check_real("x_min", self.x_min)
+        check_real("x_max", self.x_max)
         if not self.x_min < self.x_max:
             raise ValueError(f"need x_min < x_max, got x_min={self.x_min!r}, x_max={self.x_max!r}")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, check_str
 from .download import DownloadError, data_root, download, extract
 
 __all__ = [
@@ -202,9 +203,11 @@ class WikiTextData:
     unk: str = UNK
 
     def __post_init__(self) -> None:
-        for name in ("train_file", "eval_file"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must name a file, got {name}={getattr(self, name)!r}")
+        for name in ("root", "folder"):
+            check_str(name, getattr(self, name))
+        for name in ("train_file", "eval_file", "unk"):
+            check_str(name, getattr(self, name), nonempty=True)
+        check_bool("download", self.download)
         if self.download and self.folder != WT103_FOLDER:
             raise ValueError(f"download=True fetches WikiText-103, whose folder is {WT103_FOLDER!r}; "
                              f"got folder={self.folder!r}")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import check_choice, check_int, check_int_list, check_real
 from ..data.cifar import Cifar10, CifarDataConfig, CifarTransform, load_cifar10, normalize
 from ..deq import SolverSettings
 from ..models.mdeq import MDEQ, MDEQConfig
@@ -49,16 +50,11 @@ class CifarEvalConfig:
     method: str = "anderson"
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got batch_size={self.batch_size!r}")
-        if not self.nfe or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.nfe):
-            raise ValueError(f"nfe must be a non-empty list of integers >= 1, got nfe={self.nfe!r}")
-        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
-            raise ValueError(f"tol must be in (0, 1), got tol={self.tol!r}")
-        if isinstance(self.nfe_cap, bool) or not isinstance(self.nfe_cap, int) or self.nfe_cap < 1:
-            raise ValueError(f"nfe_cap must be an integer >= 1, got nfe_cap={self.nfe_cap!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method={self.method!r}; choose one of {sorted(METHODS)}")
+        check_int("batch_size", self.batch_size, 1)
+        check_int_list("nfe", self.nfe, 1)
+        check_real("tol", self.tol, minimum=0, maximum=1, min_open=True, max_open=True)
+        check_int("nfe_cap", self.nfe_cap, 1)
+        check_choice("method", self.method, METHODS)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bench import calibrate_scale, calibrated_conv_map
+from ..checks import check_choice_list, check_int, check_int_list, check_real, check_str
 from ..deq import StatePacker
 from ..jacobian import frobenius_sq_per_dim, spectral_radius
 from ..measure import PeakMemory, median_time
@@ -65,18 +66,6 @@ _TORCHDEQ_KEYS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "br
 # ---------------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-
-
-def _nfe_range(name: str, value: tuple) -> None:
-    ok = (len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-          and 1 <= value[0] <= value[1])
-    if not ok:
-        raise ValueError(f"{name} must be (lo, hi) call counts with 1 <= lo <= hi, got {name}={value!r}")
-
-
 @dataclass(frozen=True)
 class SyntheticSpec:
     """The synthetic experiment's map ``f(z; x) = W2^T ReLU(W1 z + U x + b)`` (scalar z, x)."""
@@ -85,8 +74,8 @@ class SyntheticSpec:
     hidden: int = 50
 
     def __post_init__(self) -> None:
-        _positive_int("batch", self.batch)
-        _positive_int("hidden", self.hidden)
+        check_int("batch", self.batch, 1)
+        check_int("hidden", self.hidden, 1)
 
 
 @dataclass(frozen=True)
@@ -100,7 +89,7 @@ class ConvSpec:
 
     def __post_init__(self) -> None:
         for name in ("batch", "channels", "size", "groups"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         if self.channels % self.groups:
             raise ValueError(f"channels={self.channels} must be a multiple of groups={self.groups}")
 
@@ -122,7 +111,8 @@ class MDEQSpec:
     image_size: int = 32
 
     def __post_init__(self) -> None:
-        _positive_int("batch", self.batch)
+        check_int("batch", self.batch, 1)
+        check_int_list("channels", self.channels, 1)  # before config() takes it apart
         self.config()  # MDEQConfig names any bad width, group count or size
 
     def config(self) -> MDEQConfig:
@@ -148,8 +138,8 @@ class TransformerSpec:
     vocab: int = 1000
 
     def __post_init__(self) -> None:
-        _positive_int("batch", self.batch)
-        _positive_int("vocab", self.vocab, 2)
+        check_int("batch", self.batch, 1)
+        check_int("vocab", self.vocab, 2)
         self.config()
 
     def config(self) -> TransformerConfig:
@@ -193,23 +183,16 @@ class SolversExperiment:
 
     def __post_init__(self) -> None:
         for name, known in (("problems", PROBLEMS), ("methods", METHODS), ("libraries", LIBRARIES)):
-            values = getattr(self, name)
-            if not values:
-                raise ValueError(f"{name} must not be empty")
-            bad = [v for v in values if v not in known]
-            if bad:
-                raise ValueError(f"unknown {name} {bad}; choose from {sorted(known)}")
+            check_choice_list(name, getattr(self, name), known)
         for name in ("tol", "backward_tol", "reference_tol"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1):
-                raise ValueError(f"{name} must be in (0, 1), got {name}={v!r}")
+            check_real(name, getattr(self, name), minimum=0, maximum=1, min_open=True, max_open=True)
         for name in ("max_iter", "repeats", "reference_max_iter", "radius_iters", "contract_steps"):
-            _positive_int(name, getattr(self, name))
-        _nfe_range("easy_nfe", self.easy_nfe)
-        _nfe_range("hard_nfe", self.hard_nfe)
-        lr = self.contract_lr
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"contract_lr must be a finite number > 0, got contract_lr={lr!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        for name in ("easy_nfe", "hard_nfe"):  # (lo, hi) calls of plain iteration
+            check_int_list(name, getattr(self, name), 1, length=2, nondecreasing=True)
+        check_real("contract_lr", self.contract_lr, minimum=0, min_open=True)
+        check_str("device", self.device)
         self.torch_device()  # a bad or unavailable device fails here, before any compute
 
     def torch_device(self) -> torch.device:

@@ -14,20 +14,35 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checks import check_choice, check_int, check_real, check_real_list
 from ..data.synthetic import SyntheticConfig, make_synthetic
 from ..deq import SolverSettings
 from ..jacobian import spectral_radius
 from ..models.synthetic import SyntheticDEQ, SyntheticModelConfig
-from ..solvers import SolverResult
+from ..solvers import METHODS, SolverResult
 from ..config import training_identity
 from ..train import TensorBatches, TrainConfig, equilibrium_mean, pipeline_run_dir, train
 
-__all__ = ["EvalConfig", "SyntheticExperiment", "run_arm", "batch_rel_trace", "nfe_to_tol"]
+__all__ = ["EvalConfig", "SyntheticExperiment", "run_arm", "batch_rel_trace", "nfe_to_tol", "GRID_MAX"]
+
+# Figure 5's surfaces take grid^2 calls of f at once (grid^2 x hidden numbers), and matplotlib
+# draws at most 50 rows and columns of a surface by default: far past this, a grid is only memory.
+GRID_MAX = 1000
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How the trained models are measured."""
+    """How the trained models are measured.
+
+    Every key is checked here, at construction: the arms train first and are measured after, so
+    a bad ``method`` or ``tol`` found when measuring would cost a trained arm, and a bad ``grid``
+    (read when the surfaces are drawn) all of them.
+
+    Attributes:
+        gammas: one arm per Jacobian weight. tol: the relative residual the NFE is counted to,
+            in (0, 1); the measuring solve runs to ``tol * 1e-3``. nfe_cap: its most calls.
+        method: its solver. grid: points per axis of Figure 5's surfaces (at most GRID_MAX).
+    """
 
     gammas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
     tol: float = 1e-3
@@ -36,14 +51,11 @@ class EvalConfig:
     grid: int = 41
 
     def __post_init__(self) -> None:
-        if not self.gammas or any(not (math.isfinite(g) and g >= 0) for g in self.gammas):
-            raise ValueError(f"gammas must be a non-empty list of numbers >= 0, got gammas={self.gammas!r}")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got tol={self.tol!r}")
-        for name in ("nfe_cap", "grid"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-                raise ValueError(f"{name} must be an integer >= 2, got {name}={v!r}")
+        check_real_list("gammas", self.gammas, minimum=0)
+        check_real("tol", self.tol, minimum=0, maximum=1, min_open=True, max_open=True)
+        check_int("nfe_cap", self.nfe_cap, 2)
+        check_choice("method", self.method, METHODS)
+        check_int("grid", self.grid, 2, GRID_MAX)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from statistics import median
 import torch
 from torch import Tensor
 
+from ..checks import check_choice_list, check_int, check_int_list
 from ..config import training_identity
 from ..data.wikitext import LMStream, WikiTextData, batchify, load_wikitext
 from ..deq import SolverSettings
@@ -58,18 +59,15 @@ class LMEvalConfig:
     memory_batch: int = 15
 
     def __post_init__(self) -> None:
-        bad = [a for a in self.arms if a not in ARMS]
-        if not self.arms or bad or len(set(self.arms)) != len(self.arms):
-            raise ValueError(f"arms must be distinct names from {sorted(ARMS)}, got arms={list(self.arms)!r}")
+        check_choice_list("arms", self.arms, ARMS, distinct=True)
         for name in ("batch_size", "memory_batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {name}={v!r}")
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 2 * self.batch_size):
-            raise ValueError(f"max_tokens must be null or an integer >= 2 * batch_size, got max_tokens={self.max_tokens!r}")
-        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.nfe_caps):
-            raise ValueError(f"nfe_caps must be integers >= 1, got nfe_caps={list(self.nfe_caps)!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int_list("nfe_caps", self.nfe_caps, 1, nonempty=False)  # none: no early-stopped rows
+        check_int("max_tokens", self.max_tokens, 2, optional=True)
+        if self.max_tokens is not None and self.max_tokens < 2 * self.batch_size:
+            # Each of the batch_size streams needs two tokens: an input and its target.
+            raise ValueError(f"max_tokens must be null or >= 2 * batch_size = {2 * self.batch_size}, "
+                             f"got max_tokens={self.max_tokens!r}")
 
 
 @dataclass(frozen=True)

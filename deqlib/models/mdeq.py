@@ -17,12 +17,12 @@ forward pass runs inside :func:`deqlib.nn.once_per_step`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_bool, check_int, check_int_list, check_real
 from ..deq import DEQ, DEQStats, SolverSettings
 from ..nn import VariationalDropout, group_norm, once_per_step, weight_norm
 from ..train import StepOutput
@@ -65,25 +65,20 @@ class MDEQConfig:
 
     def __post_init__(self) -> None:
         for name in ("channels", "head_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, (tuple, list)) or not value or any(
-                isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in value
-            ):
-                raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {name}={value!r}")
+            check_int_list(name, getattr(self, name), 1)
+        for name, minimum in (("expansion", 1), ("groups", 1), ("downsample", 0), ("final_channels", 1),
+                              ("num_classes", 2), ("in_channels", 1), ("image_size", 1)):
+            check_int(name, getattr(self, name), minimum)
+        check_real("dropout", self.dropout, minimum=0, maximum=1, max_open=True)
+        check_bool("weight_norm", self.weight_norm)
+        check_real("init_std", self.init_std, minimum=0, min_open=True, optional=True)  # null: PyTorch's default
         if len(self.head_channels) != len(self.channels):
             raise ValueError(f"head_channels={list(self.head_channels)} needs one width per scale "
                              f"of channels={list(self.channels)}")
-        for name, minimum in (("expansion", 1), ("groups", 1), ("downsample", 0), ("final_channels", 1),
-                              ("num_classes", 2), ("in_channels", 1), ("image_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
         widths = [*self.channels, *self.head_channels, self.final_channels]
         bad = [w for w in widths if w % self.groups]
         if bad:
             raise ValueError(f"groups={self.groups} does not divide the widths {bad}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         halvings = self.downsample + len(self.channels) - 1
         if self.image_size >> halvings < 1:
             raise ValueError(f"image_size={self.image_size} is too small for downsample={self.downsample} "
@@ -92,8 +87,6 @@ class MDEQConfig:
             # A stride-2 conv rounds an odd side up, so the scales would stop matching in the fusion.
             raise ValueError(f"image_size={self.image_size} must be divisible by 2**{halvings} "
                              f"(downsample={self.downsample} and {len(self.channels)} scales)")
-        if self.init_std is not None and not (math.isfinite(self.init_std) and self.init_std > 0):
-            raise ValueError(f"init_std must be a finite number > 0, got init_std={self.init_std!r}")
 
     @property
     def sizes(self) -> list[int]:

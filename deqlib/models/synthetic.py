@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int, check_real
 from ..deq import DEQ, SolverSettings
 from ..train import StepOutput
 
@@ -23,10 +24,8 @@ class SyntheticModelConfig:
     init_std: float = 0.01  # the paper's N(0, 0.01); read as a standard deviation
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
-            raise ValueError(f"hidden must be an integer >= 1, got hidden={self.hidden!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got init_std={self.init_std!r}")
+        check_int("hidden", self.hidden, 1)
+        check_real("init_std", self.init_std, minimum=0, min_open=True)
 
 
 class SyntheticMap(nn.Module):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_bool, check_int, check_int_list, check_real
 from ..deq import DEQ, DEQStats, SolverSettings
 from ..nn import VariationalDropout, once_per_step, weight_norm
 from ..train import StepOutput
@@ -72,23 +72,16 @@ class TransformerConfig:
         for name in ("d_model", "n_head", "d_head", "d_inner", "tgt_len", "n_layer", "pretrain_layers"):
             check_int(name, getattr(self, name), 1)
         check_int("mem_len", self.mem_len, 0)
+        check_real("dropout", self.dropout, minimum=0, maximum=1, max_open=True)
+        check_bool("pre_ln", self.pre_ln)
+        check_int_list("cutoffs", self.cutoffs, 1, increasing=True)
+        check_real("div_val", self.div_val, minimum=1)
+        check_real("init_std", self.init_std, minimum=0, min_open=True)
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (sinusoidal positions), got d_model={self.d_model}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
-        if not isinstance(self.pre_ln, bool):
-            raise ValueError(f"pre_ln must be true or false, got pre_ln={self.pre_ln!r}")
-        cut = tuple(self.cutoffs)
-        if not cut or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cut) \
-                or list(cut) != sorted(set(cut)):
-            raise ValueError(f"cutoffs must be a non-empty increasing list of integers >= 1, got cutoffs={self.cutoffs!r}")
-        if not (math.isfinite(self.div_val) and self.div_val >= 1.0):
-            raise ValueError(f"div_val must be a number >= 1, got div_val={self.div_val!r}")
-        if int(self.d_model // self.div_val ** len(cut)) < 1:
-            raise ValueError(f"div_val={self.div_val} leaves the last of {len(cut)} tail clusters "
+        if int(self.d_model // self.div_val ** len(self.cutoffs)) < 1:
+            raise ValueError(f"div_val={self.div_val} leaves the last of {len(self.cutoffs)} tail clusters "
                              f"no width at d_model={self.d_model}")
-        if not (math.isfinite(self.init_std) and self.init_std > 0):
-            raise ValueError(f"init_std must be > 0, got init_std={self.init_std!r}")
 
     def check_vocab(self, n_token: int) -> None:
         """ValueError unless every cutoff lies inside a vocabulary of ``n_token`` words."""
