@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 __all__ = ["build", "load_yaml", "parse_override", "load_params", "load_experiment", "apply_overrides", "to_dict",
            "training_identity", "PROFILES"]
@@ -85,48 +85,36 @@ def training_identity(exp: Any) -> dict:
     return {"experiment": {k: v for k, v in to_dict(exp).items() if k != "eval"}}
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 booleans and floats.
-
-    ``dvc exp run -S`` rewrites ``params.yaml`` with a YAML 1.2 writer (ruamel), which drops
-    the quotes of ``mixed_precision: "no"`` and writes small floats as ``1e-05``. YAML 1.1
-    (PyYAML's default) reads ``no`` (and ``yes``, ``on``, ``off``) as a boolean and a float
-    without a dot (``1e-05``, ``1e-3``) or without a sign in its exponent (``1.0e5``) as a
-    string. Reading with 1.2's rules keeps them the strings and floats they are.
-    """
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-# Integers as ruamel (DVC's YAML 1.2 reader) reads them: decimal (``010`` is ten, not 1.1's
-# octal eight), ``0o`` / ``0x`` / ``0b``, ``_`` as a separator; 1.1's ``1:30`` (sexagesimal
-# 90) stays a string.
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$"),
-    list("-+0123456789"))
+def _yaml() -> YAML:
+    """ruamel's safe loader, DVC's own YAML reader (``dvc exp run -S`` rewrites params.yaml
+    with ruamel): YAML 1.2, so ``no`` and ``off`` are strings, ``1e-05`` is a float and ``010``
+    is ten, as DVC reads them; plain dicts, lists and scalars, never a Python object; and a
+    duplicate key refused (DVC calls such a file corrupted; read here, the last one would win).
+    A fresh loader per call: ruamel's loaders are not reentrant."""
+    yaml = YAML(typ="safe", pure=True)
+    yaml.allow_duplicate_keys = False
+    return yaml
 
 
-def _construct_int12(loader: yaml.SafeLoader, node: yaml.Node) -> int:
-    text = loader.construct_scalar(node).replace("_", "")
-    base = {"0o": 8, "0x": 16, "0b": 2}.get(text[:2], 10)
-    return int(text[2:] if base != 10 else text, base)
+def _where(err: YAMLError, source: str) -> str:
+    """One line naming ``source``, the line and column, and what is wrong there."""
+    mark = getattr(err, "problem_mark", None)
+    if not isinstance(err, MarkedYAMLError) or mark is None:
+        return f"{source}: {err}"
+    text = f"{source}, line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    context_mark = getattr(err, "context_mark", None)
+    if err.context:
+        text += f" ({err.context}" + (f" at line {context_mark.line + 1}" if context_mark else "") + ")"
+    return text
 
 
-_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int12)
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-# YAML 1.1's float needs a dot and a signed exponent; this adds every 1.2 float with an exponent.
-# Plain integers do not match it (an exponent is required), so ``3`` stays an int.
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML as ``params.yaml`` is written: YAML 1.2 booleans (``no`` is a string)."""
-    return yaml.load(text, Loader=_Yaml12Loader)
+def load_yaml(text: str, source: str = "<text>") -> Any:
+    """Parse YAML as ``params.yaml`` is read (:func:`_yaml`). Raises ValueError naming
+    ``source`` (a file name, say), the line and the column of a syntax error or duplicate key."""
+    try:
+        return _yaml().load(text)
+    except YAMLError as err:
+        raise ValueError(_where(err, source)) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -135,11 +123,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key, load_yaml(value)
+    try:
+        return key, load_yaml(value, f"--set {text!r}")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
-    return load_yaml(Path(path).read_text()) or {}
+    """The parsed params file; ValueError naming the file and line of a syntax error or a
+    duplicate key, or naming the file when it does not hold a mapping of sections."""
+    params = load_yaml(Path(path).read_text(), str(path)) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, got {type(params).__name__} {params!r}")
+    return params
 
 
 def apply_overrides(section: dict, overrides: dict[str, Any]) -> dict:

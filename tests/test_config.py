@@ -1,8 +1,10 @@
 """params.yaml -> typed configs: every profile builds; unknown keys and bad values are named."""
 
+import argparse
 import collections.abc
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -267,3 +269,37 @@ def test_an_integer_solver_budget_refuses_a_whole_float():
                                          r"got max_iter=2\.0"):
         load_experiment(SyntheticExperiment, "synthetic", "small", {"train.forward.max_iter": 2.0},
                         params_path=ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ("profile: small\nsynthetic:\n  small: {train: {lr: 0.1}\n  paper: {}\n", 4, r"expected ',' or '\}'"),
+    ("profile: small\nsynthetic:\n  small:\n    train: {lr: 0.1}\n    train: {lr: 0.2}\n", 5,
+     r"duplicate key \"train\""),
+    ("profile: small\nprofile: paper\n", 2, r"duplicate key \"profile\""),
+])
+def test_a_broken_params_file_is_named_with_its_line(tmp_path, text, line, problem):
+    """A syntax error pointed to "<unicode string>", and a duplicate key was read (the last one
+    won) where DVC calls the same file corrupted."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    pattern = re.escape(str(path)) + rf", line {line}, column \d+: .*{problem}"
+    with pytest.raises(ValueError, match=pattern):
+        load_params(path)
+    with pytest.raises(ValueError, match=pattern):
+        load_experiment(SyntheticExperiment, "synthetic", "small", params_path=path)
+
+
+def test_params_are_read_safely(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r", line 1, column \d+: .*python/object"):
+        load_params(path)
+
+
+def test_overrides_are_read_as_the_params_file_is_and_a_broken_one_is_a_usage_error():
+    for text, value in [("a=no", "no"), ("a=1e-05", 1e-5), ("a=010", 10), ("a=1:30", "1:30"), ("a=[1, 2]", [1, 2]),
+                        ("a=true", True), ("a=null", None), ("a=abc", "abc"), ("a=.inf", math.inf)]:
+        assert parse_override(text) == ("a", value), text
+    for text in ("train.lr=[1, 2", "x={a: 1, a: 2}"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"--set {text!r}") + r", line 1, column \d+"):
+            parse_override(text)
