@@ -303,3 +303,54 @@ def test_overrides_are_read_as_the_params_file_is_and_a_broken_one_is_a_usage_er
     for text in ("train.lr=[1, 2", "x={a: 1, a: 2}"):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"--set {text!r}") + r", line 1, column \d+"):
             parse_override(text)
+
+
+def test_params_yaml_has_no_anchors_or_aliases():
+    """``small: *synthetic`` made the two profiles one object for DVC: ``dvc exp run -S
+    synthetic.small.train.lr=0.01`` changed the paper profile too, and overrides of one profile
+    were dropped. Each profile block is written out in full."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.events import AliasEvent
+
+    events = list(YAML().parse((ROOT / "params.yaml").read_text()))
+    aliases = [e.anchor for e in events if isinstance(e, AliasEvent)]
+    anchors = [e.anchor for e in events if not isinstance(e, AliasEvent) and getattr(e, "anchor", None)]
+    assert not aliases and not anchors, (anchors, aliases)
+
+
+_SEED_KEY = {"synthetic": ("train", "seed"), "cifar10": ("train", "seed"), "wikitext": ("train", "seed"),
+             "solvers": ("seed",)}
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_dvc_override_of_one_profile_leaves_the_other_unchanged(experiment, profile, tmp_path):
+    """What ``dvc exp run -S`` does to params.yaml: load it with ruamel's round-trip loader, set
+    one profile's key (or add one, ``-S +...``), dump it back."""
+    from ruamel.yaml import YAML
+
+    cls = EXPERIMENTS[experiment]
+    other = next(p for p in PROFILES if p != profile)
+    before = to_dict(load_experiment(cls, experiment, other, params_path=ROOT / "params.yaml"))
+    rt = YAML()
+    data = rt.load((ROOT / "params.yaml").read_text())
+    *section, leaf = _SEED_KEY[experiment]
+    node = data[experiment][profile]
+    for part in section:
+        node = node[part]
+    node[leaf] = 12345
+    rewritten = tmp_path / "params.yaml"
+    with open(rewritten, "w") as fh:
+        rt.dump(data, fh)
+    changed = to_dict(load_experiment(cls, experiment, profile, params_path=rewritten))
+    for part in _SEED_KEY[experiment]:
+        changed = changed[part]
+    assert changed == 12345
+    assert to_dict(load_experiment(cls, experiment, other, params_path=rewritten)) == before
+    # `-S +<experiment>.<profile>...max_stepz=2`: a new key lands in that profile, and is refused there
+    node["max_stepz"] = 2
+    with open(rewritten, "w") as fh:
+        rt.dump(data, fh)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_stepz'\] in " + rf"{experiment}\.{profile}"):
+        load_experiment(cls, experiment, profile, params_path=rewritten)
+    assert to_dict(load_experiment(cls, experiment, other, params_path=rewritten)) == before
