@@ -28,6 +28,20 @@ def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | No
     return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
 
 
+def _check_pair(z: Tensor, fz: Tensor) -> None:
+    """ValueError unless ``(z, fz)`` is a square Jacobian's pair with a graph: the probes are
+    shaped like ``z`` and given to ``fz``'s graph, where autograd's own errors name neither."""
+    if not isinstance(z, Tensor) or z.dim() < 2:
+        got = f"z of shape {tuple(z.shape)}" if isinstance(z, Tensor) else f"z={z!r}"
+        raise ValueError(f"z must be a tensor of shape (B, ...), got {got}")
+    if not isinstance(fz, Tensor) or fz.shape != z.shape:
+        got = f"fz of shape {tuple(fz.shape)}" if isinstance(fz, Tensor) else f"fz={fz!r}"
+        raise ValueError(f"fz must have z's shape {tuple(z.shape)} (f maps the state to itself), got {got}")
+    if not z.requires_grad or not fz.requires_grad:
+        raise ValueError("z must require grad and fz be computed from it with autograd, as "
+                         "DEQStats.jacobian_inputs() gives them; got a pair without a graph")
+
+
 def _probes(z: Tensor, n: int, generator: torch.Generator | None) -> list[Tensor]:
     return [_randn(z.shape, z, generator) for _ in range(n)]
 
@@ -46,7 +60,7 @@ def frobenius_sq_per_dim(
     mean equals the official code's division by the total element count).
 
     Args:
-        z: ``(B, D)`` leaf of the graph of ``fz``. fz: ``(B, D)``.
+        z: ``(B, D)`` leaf of the graph of ``fz`` (or ``(B, C, ...)``). fz: of ``z``'s shape.
         n_probes: M, the number of Gaussian probes (>= 1).
         create_graph: keep the graph so the estimate can be a loss term.
         generator: optional RNG for the probes (deterministic runs).
@@ -54,6 +68,7 @@ def frobenius_sq_per_dim(
         ``(B,)`` unbiased estimates.
     """
     check_int("n_probes", n_probes, 1)
+    _check_pair(z, fz)
     total = z.new_zeros(z.shape[0])
     for eps in _probes(z, int(n_probes), generator):
         (vjp,) = torch.autograd.grad(fz, z, eps, retain_graph=True, create_graph=create_graph)
@@ -113,7 +128,8 @@ def estimate_spectral_radius(
     linear maps with three or four equal moduli; eight were within 1e-6 there.
 
     Args:
-        z, fz: ``(B, D)``, ``z`` a leaf of the graph of ``fz``.
+        z, fz: ``(B, D)``, ``z`` a leaf of the graph of ``fz`` (``(B, C, ...)`` states are
+            taken flattened).
         n_iter: the most iterations (the paper's power method uses ~150).
         n_vectors: block size ``k`` (clamped to ``D``).
         tol: relative change below which the estimate counts as converged.
@@ -124,11 +140,13 @@ def estimate_spectral_radius(
     check_int("n_vectors", n_vectors, 1)
     check_int("check_every", check_every, 1)
     check_real("tol", tol, minimum=0, min_open=True)
-    B, D = z.shape
+    _check_pair(z, fz)
+    B, D = z.shape[0], z[0].numel()  # a state (B, C, ...) is worked on flattened
     k = min(int(n_vectors), D)
 
     def jt(V: Tensor) -> Tensor:  # (B, D, k) -> J^T V, one VJP per column
-        cols = [torch.autograd.grad(fz, z, V[:, :, i], retain_graph=True)[0] for i in range(k)]
+        cols = [torch.autograd.grad(fz, z, V[:, :, i].reshape(z.shape), retain_graph=True)[0].reshape(B, D)
+                for i in range(k)]
         return torch.stack(cols, dim=2)
 
     V, _ = torch.linalg.qr(_randn((B, D, k), z, generator))

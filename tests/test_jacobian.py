@@ -231,3 +231,29 @@ def test_spectral_radius_of_a_small_mdeq_map_with_a_cluster_near_one():
     exact = float(torch.linalg.eigvals(J).abs().max())
     est = estimate_spectral_radius(z, fz, generator=torch.Generator().manual_seed(1))
     assert abs(float(est.value) - exact) < 1e-3 * exact, (float(est.value), exact)
+
+
+def test_a_state_of_any_shape_gives_the_flattened_states_estimates():
+    """``(B, C, ...)`` states were read with ``B, D = z.shape`` by the spectral radius (a bare
+    'too many values to unpack'); the Hutchinson estimate already took them."""
+    W = torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 4
+    flat = torch.randn(2, 12, dtype=torch.float64).requires_grad_()
+    cube = flat.detach().view(2, 3, 4).requires_grad_()
+    f_flat, f_cube = torch.tanh(flat @ W.T), torch.tanh(cube.reshape(2, 12) @ W.T).view(2, 3, 4)
+    for fn in (estimate_spectral_radius, frobenius_sq_per_dim):
+        a = fn(flat, f_flat, generator=torch.Generator().manual_seed(1))
+        b = fn(cube, f_cube, generator=torch.Generator().manual_seed(1))
+        a, b = (a.value, b.value) if fn is estimate_spectral_radius else (a, b)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fn", [frobenius_sq_per_dim, spectral_radius])
+def test_a_pair_that_is_not_a_square_jacobian_with_a_graph_is_named(fn):
+    z = torch.randn(2, 3).requires_grad_()
+    with pytest.raises(ValueError, match=r"fz must have z's shape \(2, 3\).*got fz of shape \(2, 5\)"):
+        fn(z, z @ torch.randn(5, 3).T)
+    with pytest.raises(ValueError, match=r"z must require grad and fz be computed from it"):
+        fn(z.detach(), torch.tanh(z.detach()))
+    with pytest.raises(ValueError, match=r"z must be a tensor of shape \(B, ...\), got z of shape \(3,\)"):
+        row = z[0]
+        fn(row, torch.tanh(row))
