@@ -37,14 +37,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int, check_real
 from .config import parse_override
 from .measure import OpCounter, PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
@@ -53,13 +56,16 @@ __all__ = ["ConvMap", "calibrate_scale", "calibrated_conv_map", "bench_solvers",
            "bench_transformer", "bench_compare", "main"]
 
 
+CONV_GROUPS = 8  # GroupNorm groups of the ``solvers`` benchmark's map: its channels must be a multiple
+
+
 class ConvMap(nn.Module):
     """``f(z) = GroupNorm(s * conv2(relu(conv1(z))) + x)``: an MDEQ-sized residual branch.
 
     Shapes: ``z, x: (B, C, H, W)``. ``s`` sets the contraction.
     """
 
-    def __init__(self, channels: int, x: Tensor, scale: float = 1.0, groups: int = 8):
+    def __init__(self, channels: int, x: Tensor, scale: float = 1.0, groups: int = CONV_GROUPS):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
@@ -462,6 +468,60 @@ def _device_name(dev: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every argument of ``args.bench`` checked before any work, each failure one usage line
+    (``parser.error``, exit status 2): a benchmark runs for minutes, so a bad ``--tol`` or
+    ``--channels`` must not end in a traceback part-way, nor a missing ``--json`` folder be found
+    after all of it. The profile's configuration is built here too, overrides and all, as the
+    benchmark builds it."""
+    from .config import load_experiment
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        counts = {"solvers": ("batch", "channels", "size", "repeats"), "mdeq": ("batch", "steps"),
+                  "transformer": ("batch", "repeats"), "compare": ()}[args.bench]
+        for name in counts:
+            check_int(f"--{name}", getattr(args, name), 1)
+        if args.bench == "solvers":
+            check_real("--tol", args.tol, minimum=0, maximum=1, min_open=True, max_open=True)
+            if args.channels % CONV_GROUPS:
+                raise ValueError(f"--channels must be a multiple of {CONV_GROUPS} (the map's GroupNorm groups), "
+                                 f"got --channels={args.channels}")
+            if args.device == "cuda" and not torch.cuda.is_available():
+                raise ValueError("--device cuda, but torch sees no CUDA device here")
+        elif args.bench == "mdeq":
+            from .experiments.cifar import CifarExperiment
+
+            if not Path(args.params).is_file():
+                raise ValueError(f"--params must be a params.yaml file, got --params={args.params!r} (no such file)")
+            load_experiment(CifarExperiment, "cifar10", args.profile, params_path=args.params)
+        elif args.bench == "transformer":
+            from .experiments.wikitext import WikiTextExperiment
+
+            check_int("--vocab", args.vocab, 2)
+            exp = load_experiment(WikiTextExperiment, "wikitext", args.profile, dict(args.overrides),
+                                  root / "params.yaml")
+            exp.model.check_vocab(args.vocab)
+        else:
+            from .experiments.solvers import SolversExperiment
+
+            load_experiment(SolversExperiment, "solvers", args.profile, dict(args.overrides), root / "params.yaml")
+        _check_output("--json", args.json)
+    except ValueError as err:
+        parser.error(" ".join(str(err).split()))
+
+
+def _check_output(name: str, path: str | None) -> None:
+    """``path`` (when given) can be written: not a folder, in a folder that exists and is writable."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    why = ("a folder" if Path(path).is_dir() else f"no folder {folder}" if not folder.is_dir()
+           else f"folder {folder} not writable" if not os.access(folder, os.W_OK | os.X_OK) else None)
+    if why:
+        raise ValueError(f"{name} must be a file in an existing, writable folder, got {name}={path!r} ({why})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqlib.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -497,33 +557,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a parameter of the solvers profile, e.g. repeats=1")
     c.add_argument("--json", help="also write the figures (and residual curves) to this JSON file")
     args = parser.parse_args(argv)
+    # Everything a run could fail on, before any work; the usage line is the subcommand's.
+    _check_args({"solvers": s, "mdeq": m, "transformer": t, "compare": c}[args.bench], args)
     if args.bench == "compare":
         steady_malloc()
         report = bench_compare(args.profile, dict(args.overrides))
         _print_compare(report)
     elif args.bench == "mdeq":
-        for name in ("batch", "steps"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params)
         _print_mdeq(report)
     elif args.bench == "transformer":
-        overrides = dict(args.overrides)
-        for name in ("batch", "vocab", "repeats"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         steady_malloc()  # CPU timings: keep freed blocks in the heap (see the module docstring)
-        report = bench_transformer(args.profile, args.batch, overrides, args.vocab, args.repeats)
+        report = bench_transformer(args.profile, args.batch, dict(args.overrides), args.vocab, args.repeats)
         _print_transformer(report)
     else:
-        for name in ("batch", "channels", "size", "repeats"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-        if not args.tol > 0:
-            parser.error(f"--tol must be > 0, got {args.tol}")
         steady_malloc()
-        if args.device == "cuda" and not torch.cuda.is_available():
-            parser.error("--device cuda, but torch sees no CUDA device here")
         report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats, device=args.device)
         _print_solvers(report)
     if args.json:

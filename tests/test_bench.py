@@ -1,5 +1,7 @@
 """The benchmark CLI's solver measurements: what they report must hold, whatever the timings."""
 
+import re
+
 import pytest
 import torch
 
@@ -45,3 +47,35 @@ def test_bench_solvers_refuses_cuda_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         main(["solvers", "--device", "cuda"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    # each of these ran its benchmark first (55 s for --json) and ended in a traceback
+    (["solvers", "--json", "/nonexistent/dir/x.json"],
+     r"--json must be a file in an existing, writable folder, got --json='/nonexistent/dir/x.json' "
+     r"\(no folder /nonexistent/dir\)"),
+    (["solvers", "--tol", "inf"], r"--tol must be a finite number in \(0, 1\), got --tol=inf"),
+    (["solvers", "--tol", "nan"], r"--tol must be a finite number in \(0, 1\), got --tol=nan"),
+    (["solvers", "--channels", "3"], r"--channels must be a multiple of 8 \(the map's GroupNorm groups\), "
+                                     r"got --channels=3"),
+    (["solvers", "--batch", "0"], r"--batch must be an integer >= 1, got --batch=0"),
+    (["mdeq", "--json", "/nonexistent/x.json"], r"--json must be .*\(no folder /nonexistent\)"),
+    (["mdeq", "--steps", "0"], r"--steps must be an integer >= 1, got --steps=0"),
+    (["mdeq", "--params", "/nonexistent/params.yaml"], r"--params.*/nonexistent/params.yaml"),
+    (["transformer", "--profile", "small", "--set", "model.d_model=15"],
+     r"in wikitext\.small\.model: d_model must be even.*d_model=15"),
+    (["transformer", "--profile", "small", "--vocab", "100"], r"cutoffs=\[1000, 4000\] .* vocabulary size 100"),
+    (["transformer", "--repeats", "0"], r"--repeats must be an integer >= 1, got --repeats=0"),
+    (["compare", "--profile", "small", "--set", "repeats=0"], r"in solvers\.small: repeats must be an integer >= 1"),
+    (["compare", "--json", "/"], r"--json must be a file .*got --json='/' \(a folder\)"),
+])
+def test_bad_arguments_are_one_usage_line_before_any_work(argv, message, monkeypatch, capsys):
+    import deqlib.bench as bench
+
+    for name in ("bench_solvers", "bench_mdeq", "bench_transformer", "bench_compare", "steady_malloc"):
+        monkeypatch.setattr(bench, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran before the checks"))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"python -m deqlib.bench \w+: error: " + message, last), last
