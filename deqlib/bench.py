@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_real
+from .checks import check_int, check_int_list, check_real
 from .config import parse_override
 from .measure import OpCounter, PeakMemory, median_time, steady_malloc
 from .solvers import METHODS, solve
@@ -95,8 +95,7 @@ def calibrate_scale(
     Plain iteration stops at ``target[1] + 1`` calls, when the verdict "too slow" is known.
     Returns the last scale tried (the bisection stops as soon as one lands in ``target``).
     """
-    if not 1 <= target[0] <= target[1]:
-        raise ValueError(f"target must be (lo, hi) with 1 <= lo <= hi, got target={target!r}")
+    check_int_list("target", target, 1, length=2, nondecreasing=True)  # (lo, hi) calls
     lo, mid = 0.0, 0.0
     for _ in range(steps):
         mid = (lo + hi) / 2

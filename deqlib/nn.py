@@ -25,6 +25,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int, check_real
+
 __all__ = [
     "weight_norm",
     "remove_weight_norm",
@@ -73,8 +75,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
     Returns ``module``, now with parameters ``<name>_g`` (shape 1 on every dim but ``dim``) and
     ``<name>_v`` in place of ``<name>``. At creation ``g = ||w||``, so the function is unchanged.
     """
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise ValueError(f"dim must be an integer, got dim={dim!r}")
+    check_int("dim", dim)
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, _WeightNorm) and hook.name == name:
             raise ValueError(f"weight_norm applied twice to {name!r} of {type(module).__name__}")
@@ -127,8 +128,7 @@ class VariationalDropout(nn.Module):
 
     def __init__(self, p: float, shared_dims: Sequence[int] | None = None):
         super().__init__()
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got p={p!r}")
+        check_real("p", p, minimum=0, maximum=1, max_open=True)
         self.p = float(p)
         self.shared_dims = None if shared_dims is None else tuple(int(d) for d in shared_dims)
         self._locked = False

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checks import check_bool, check_str
+from ..checks import check_bool, check_int, check_str
 from .download import DownloadError, data_root, download, extract
 
 __all__ = [
@@ -140,8 +140,7 @@ class Vocabulary:
 def batchify(tokens: Tensor, n_batch: int) -> Tensor:
     """``(T_total,)`` -> ``(n_batch, T)``: row ``b`` is the ``b``-th of ``n_batch`` contiguous
     chunks of the stream (``T = T_total // n_batch``; the remainder is dropped)."""
-    if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
-        raise ValueError(f"n_batch must be an integer >= 1, got n_batch={n_batch!r}")
+    check_int("n_batch", n_batch, 1)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be a 1-d stream, got shape {tuple(tokens.shape)}")
     T = tokens.numel() // n_batch
@@ -164,8 +163,7 @@ class LMStream:
     """
 
     def __init__(self, tokens: Tensor, n_batch: int, tgt_len: int):
-        if isinstance(tgt_len, bool) or not isinstance(tgt_len, int) or tgt_len < 1:
-            raise ValueError(f"tgt_len must be an integer >= 1, got tgt_len={tgt_len!r}")
+        check_int("tgt_len", tgt_len, 1)
         self.data = batchify(tokens, n_batch)
         self.n_batch, self.tgt_len = n_batch, tgt_len
         self.steps_per_epoch = (self.data.shape[1] - 1) // tgt_len  # full segments only

@@ -812,8 +812,7 @@ def recommendations(rows: Sequence[dict], library: str = "deqlib", min_saving: f
     of ``f`` (about 1.3x a call at CIFAR size on CPU, the measured overhead), which a smaller
     saving does not pay back.
     """
-    if not min_saving >= 1:
-        raise ValueError(f"min_saving must be >= 1, got min_saving={min_saving!r}")
+    check_real("min_saving", min_saving, minimum=1)
     out = []
     for problem in dict.fromkeys(r["problem"] for r in rows):
         cand = [r for r in rows if r["problem"] == problem and r["library"] == library]
