@@ -49,7 +49,7 @@ except ImportError:  # Windows: no advisory locks of this kind; runs are not ser
 from deqlib.config import load_experiment, load_params, parse_override
 from deqlib.data.download import DATA_ENV
 from deqlib.numerics import PINNED_ENV
-from deqlib.train import RUN_DIR_ENV, remove_pipeline_checkpoints
+from deqlib.experiments.core import RUN_DIR_ENV, remove_pipeline_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 PROG = "python -m pipelines.run"

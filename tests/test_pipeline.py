@@ -231,7 +231,8 @@ def _fake_notebook(monkeypatch, write=None, fail=None):
     ``pipeline_run_dir`` and ``atomic_save``), then raises ``fail`` if given."""
     import papermill
 
-    from deqlib.train import atomic_save, pipeline_run_dir
+    from deqlib.experiments.core import pipeline_run_dir
+    from deqlib.train import atomic_save
 
     calls = []
 

@@ -10,7 +10,9 @@ from deqlib import SolverSettings
 from deqlib.data.synthetic import SyntheticConfig, make_synthetic
 from deqlib.jacobian import JacobianPenalty
 from deqlib.models.synthetic import SyntheticDEQ, SyntheticModelConfig
-from deqlib.train import RUN_DIR_ENV, TensorBatches, TrainConfig, _gen, _rank_gen, lr_factor, pipeline_run_dir, train
+from deqlib.experiments.core import RUN_DIR_ENV, pipeline_run_dir
+from deqlib.train import TensorBatches, TrainConfig, lr_factor, train
+from deqlib.train.streams import rng, step_rng
 
 CFG = TrainConfig(epochs=2, batch_size=32, lr=1e-2, forward=SolverSettings("anderson", 6, 1e-3),
                   backward=SolverSettings("anderson", 6, 1e-4),
@@ -102,7 +104,9 @@ def test_pipeline_run_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
     assert pipeline_run_dir("MDEQ + JR") == tmp_path / "MDEQ_JR"
     assert pipeline_run_dir("gamma_0.5") == tmp_path / "gamma_0.5"
-    assert pipeline_run_dir("..") == pipeline_run_dir("/") == tmp_path / "run"  # never a folder outside
+    assert pipeline_run_dir("MDEQ + JR/seed1") == tmp_path / "MDEQ_JR" / "seed1"  # an arm's seed
+    assert pipeline_run_dir("..") == tmp_path / "run"  # never a folder outside
+    assert pipeline_run_dir("../..") == pipeline_run_dir("/") == tmp_path / "run" / "run"
 
 
 def test_records_hold_solver_statistics_and_penalty():
@@ -157,7 +161,7 @@ def test_per_process_state_is_loaded_only_for_its_own_step_and_world(tmp_path):
     used: the run warns and keeps the state of the main checkpoint."""
     import pytest
 
-    from deqlib.train import _load_rank_state, atomic_save
+    from deqlib.train.checkpoint import atomic_save, load_rank_state
 
     class Inner(torch.nn.Module):
         def __init__(self, value):
@@ -184,13 +188,13 @@ def test_per_process_state_is_loaded_only_for_its_own_step_and_world(tmp_path):
     for step, world in ((6, 2), (5, 4)):
         holder = Holder(1)
         with pytest.warns(UserWarning, match=f"step {step} of this {world}-process run"):
-            _load_rank_state(holder, path, step, world)
+            load_rank_state(holder, path, step, world)
         assert holder.value == 1
     holder = Holder(1)
-    _load_rank_state(holder, path, 5, 2)
+    load_rank_state(holder, path, 5, 2)
     assert holder.value == 7
     with pytest.warns(UserWarning, match="found none"):
-        _load_rank_state(holder, tmp_path / "missing.pt", 5, 2)
+        load_rank_state(holder, tmp_path / "missing.pt", 5, 2)
 
 
 def test_gamma_schedule_runs_from_the_end_of_pretraining_to_the_last_step(tmp_path):
@@ -225,9 +229,9 @@ def test_each_process_gets_its_share_of_one_global_batch_and_its_own_random_draw
         assert torch.equal(share, whole[r::2])
     assert not torch.equal(shares[0], shares[1])  # the same (zero) examples, drawn apart
     # dropout and probe streams: process 0 draws what one process draws, the others their own
-    one = torch.rand(4, generator=_gen(3, 5, 2))
-    assert torch.equal(torch.rand(4, generator=_rank_gen(3, 5, 2, 0)), one)
-    assert not torch.equal(torch.rand(4, generator=_rank_gen(3, 5, 2, 1)), one)
+    one = torch.rand(4, generator=rng(3, 5, 2))
+    assert torch.equal(torch.rand(4, generator=step_rng(3, 5, 0)), one)
+    assert not torch.equal(torch.rand(4, generator=step_rng(3, 5, 1)), one)
 
 
 class _RunsCode:
@@ -266,13 +270,13 @@ def test_a_checkpoint_that_runs_code_when_loaded_is_not_loaded(tmp_path):
 
 
 def test_a_per_process_file_that_runs_code_is_not_loaded(tmp_path):
-    from deqlib.train import _load_rank_state
+    from deqlib.train.checkpoint import load_rank_state
 
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.rank1.pt"
     torch.save({"step": 5, "world": 2, "extra": _RunsCode(marker)}, path)
     with pytest.warns(UserWarning, match=rf"cannot read the checkpoint {path}"):
-        _load_rank_state(torch.nn.Linear(2, 2), path, 5, 2)
+        load_rank_state(torch.nn.Linear(2, 2), path, 5, 2)
     assert not marker.exists(), "loading the per-process state ran its code"
 
 
@@ -319,7 +323,8 @@ def test_an_identity_that_cannot_be_saved_is_refused_naming_the_key(tmp_path):
 def test_removing_a_pipeline_run_s_checkpoints_keeps_everything_else(monkeypatch, tmp_path):
     """Only the files the arms' training wrote go (and the folders that leaves empty); a user's
     files there stay, and so do the folders holding them."""
-    from deqlib.train import atomic_save, checkpoint_files, remove_pipeline_checkpoints
+    from deqlib.experiments.core import remove_pipeline_checkpoints
+    from deqlib.train import atomic_save, checkpoint_files
 
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -347,3 +352,29 @@ def test_removing_a_pipeline_run_s_checkpoints_keeps_everything_else(monkeypatch
     pipeline_run_dir("MDEQ + JR")
     remove_pipeline_checkpoints(root)
     assert not root.exists(), "a folder the run left empty is removed"
+
+
+def test_a_monitor_joins_the_records_without_changing_the_run(tmp_path):
+    """``monitor`` runs every k steps and after the last, in evaluation mode, and leaves the
+    training draws alone: the monitored run ends with the unmonitored run's bits, and resumes
+    exactly."""
+    calls = []
+
+    def monitor(model):
+        calls.append(model.training)
+        torch.rand(3)  # a monitor that draws from the global generator must not shift training's draws
+        return {"mon_scale": float(sum(p.abs().sum() for p in model.parameters()))}
+
+    model_a, data = _setup()
+    plain = train(model_a, data, CFG, progress=False)
+    model_b, data = _setup()
+    watched = train(model_b, data, CFG, progress=False, monitor=monitor, monitor_every=5)
+    for pa, pb in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb)
+    steps = [r["step"] for r in watched.records if "mon_scale" in r]
+    assert steps == [4, 9, 14, 15] and calls == [False] * 4
+    model_c, data = _setup()
+    train(model_c, data, CFG, run_dir=tmp_path, progress=False, stop_after=7, monitor=monitor, monitor_every=5)
+    model_d, data = _setup()
+    resumed = train(model_d, data, CFG, run_dir=tmp_path, progress=False, monitor=monitor, monitor_every=5)
+    assert [r.get("mon_scale") for r in resumed.records] == [r.get("mon_scale") for r in watched.records]

@@ -24,7 +24,8 @@ from ..deq import SolverSettings
 from ..models.mdeq import MDEQ, MDEQConfig
 from ..solvers import METHODS
 from ..config import training_identity
-from ..train import TensorBatches, TrainConfig, equilibrium_mean, evaluate, pipeline_run_dir, train
+from ..train import TensorBatches, TrainConfig, evaluate, train
+from .core import equilibrium_mean, pipeline_run_dir
 
 __all__ = ["CifarEvalConfig", "CifarExperiment", "hard_cap", "nfe_to_tol", "evaluate_model", "run_arm",
            "arm_config", "ARMS"]
@@ -152,7 +153,7 @@ def run_arm(exp: CifarExperiment, jr: bool, base: str | Path | None = None, data
         jr: with the Jacobian penalty of ``exp.train.jacobian`` (else gamma = 0).
         base: folder a relative ``data.root`` is resolved against (that of ``params.yaml``).
         data: already loaded data (else loaded from the configuration).
-        run_dir: where the run checkpoints and resumes from (default: :func:`~deqlib.train.pipeline_run_dir`,
+        run_dir: where the run checkpoints and resumes from (default: :func:`~deqlib.experiments.core.pipeline_run_dir`,
             i.e. nowhere outside the pipeline).
     Returns:
         ``{"arm", "metrics", "records", "model"}``; metrics hold the test-set figures of

@@ -21,7 +21,8 @@ from ..jacobian import spectral_radius
 from ..models.synthetic import SyntheticDEQ, SyntheticModelConfig
 from ..solvers import METHODS, SolverResult
 from ..config import training_identity
-from ..train import TensorBatches, TrainConfig, equilibrium_mean, pipeline_run_dir, train
+from ..train import TensorBatches, TrainConfig, train
+from .core import equilibrium_mean, pipeline_run_dir
 
 __all__ = ["EvalConfig", "SyntheticExperiment", "run_arm", "batch_rel_trace", "nfe_to_tol", "GRID_MAX"]
 
@@ -94,7 +95,7 @@ def run_arm(exp: SyntheticExperiment, gamma: float, run_dir: str | Path | None =
             progress: bool = True) -> dict:
     """Train and evaluate one gamma. Returns metrics, per-step records and the model.
     ``run_dir``: where the run checkpoints and resumes from (default
-    :func:`~deqlib.train.pipeline_run_dir`: nowhere outside the pipeline)."""
+    :func:`~deqlib.experiments.core.pipeline_run_dir`: nowhere outside the pipeline)."""
     (xt, yt), (xv, yv) = make_synthetic(exp.data)
     cfg = replace(exp.train, jacobian=replace(exp.train.jacobian, gamma=float(gamma)))
     torch.manual_seed(cfg.seed)

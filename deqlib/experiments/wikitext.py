@@ -27,7 +27,8 @@ from ..deq import SolverSettings
 from ..jacobian import JacobianPenalty
 from ..measure import saved_tensor_bytes
 from ..models.transformer import DEQTransformerLM, Memory, TransformerConfig
-from ..train import TrainConfig, equilibrium_mean, pipeline_run_dir, train
+from ..train import TrainConfig, train
+from .core import equilibrium_mean, pipeline_run_dir
 
 __all__ = ["ARMS", "LMEvalConfig", "WikiTextExperiment", "evaluate", "activation_memory",
            "unigram_perplexity", "run_arm", "arm_settings", "future_token_leak"]
@@ -230,7 +231,7 @@ def run_arm(exp: WikiTextExperiment, arm: str, data: dict, run_dir: str | Path |
     Returns metrics (perplexity at the training threshold and at each NFE cap, NFEs, median
     step time, activation memory, :func:`future_token_leak` at the threshold), the per-step
     records and the model. ``run_dir``: where the
-    run checkpoints and resumes from (default :func:`~deqlib.train.pipeline_run_dir`: nowhere
+    run checkpoints and resumes from (default :func:`~deqlib.experiments.core.pipeline_run_dir`: nowhere
     outside the pipeline).
     """
     model_cfg, cfg, explicit = arm_settings(exp, arm)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..checks import check_bool, check_int, check_int_list, check_real
 from ..deq import DEQ, DEQStats, SolverSettings
 from ..nn import VariationalDropout, group_norm, once_per_step, weight_norm
-from ..train import StepOutput
+from ..step import StepOutput
 
 __all__ = ["MDEQConfig", "ResidualBlock", "MultiscaleMap", "MDEQ"]
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int, check_real
 from ..deq import DEQ, SolverSettings
-from ..train import StepOutput
+from ..step import StepOutput
 
 __all__ = ["SyntheticModelConfig", "SyntheticDEQ"]
 

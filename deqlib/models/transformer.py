@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..checks import check_bool, check_int, check_int_list, check_real
 from ..deq import DEQ, DEQStats, SolverSettings
 from ..nn import VariationalDropout, once_per_step, weight_norm
-from ..train import StepOutput
+from ..step import StepOutput
 
 __all__ = ["TransformerConfig", "Memory", "LMOutput", "DEQTransformerLM", "TransformerLayer", "AdaptiveInput"]
 
