@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_choice, check_int, check_real
-from .solvers import SolverResult, _Tracker, check_method_options, check_solver_args, solve
+from .solvers import ResidualTracker, SolverResult, check_method_options, check_solver_args, solve
 
 __all__ = ["SolverSettings", "DEQStats", "DEQ", "StatePacker", "BACKWARD_MODES"]
 
@@ -278,7 +278,7 @@ class DEQ(nn.Module):
             # A start that is part of the graph, so that the last call's pair below can give
             # vector-Jacobian products even when that call was the first.
             z = z.detach().requires_grad_()
-        tracker = _Tracker(settings.max_iter, settings.tol, settings.stop_mode, 1e6)
+        tracker = ResidualTracker(settings.max_iter, settings.tol, settings.stop_mode, 1e6)
         while True:
             fz = f_flat(z)
             if tracker.record(z.detach(), fz.detach(), (fz - z).detach()):

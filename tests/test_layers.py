@@ -16,8 +16,8 @@ PACKAGE = ROOT / "deqlib"
 # modules of its own subpackage. Leaves first.
 RANKS = {
     "checks": 0, "atomic": 0, "numerics": 0, "buffers": 0, "stats": 0,
-    "nn": 1, "jacobian": 1, "measure": 1, "config": 1, "data": 1,
-    "solvers": 2,
+    "nn": 1, "measure": 1, "config": 1, "data": 1, "penalty_schedule": 1,
+    "jacobian": 2, "solvers": 2,
     "deq": 3,
     "step": 4,
     "models": 5,

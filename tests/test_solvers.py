@@ -321,7 +321,7 @@ def test_damped_iteration_reaches_known_fixed_point(method, contractive_linear):
 def test_anderson_system_falls_back_to_plain_step_per_sample():
     """A non-finite Gram entry (LAPACK reports no error for NaN) or a singular system gives that
     sample weight 1 on the newest slot; the other samples keep their least-squares weights."""
-    from deqlib.solvers import _AndersonSystem
+    from deqlib.solvers.anderson import AndersonSystem as _AndersonSystem
 
     torch.manual_seed(0)
     G = torch.randn(3, 3, 5, dtype=torch.float64)
@@ -340,7 +340,7 @@ def test_anderson_system_falls_back_to_plain_step_per_sample():
 def test_mixing_weights_are_made_contiguous_in_the_state_dtype(dtype):
     """LAPACK hands back column-major solutions; the weights that reach ``bmm`` must be
     row-major (CPU ``bmm`` otherwise loops per sample, 2x slower at MDEQ size) and unchanged."""
-    from deqlib.solvers import _combine, _weights_like
+    from deqlib.solvers.products import combine as _combine, weights_like as _weights_like
 
     torch.manual_seed(0)
     col_major = torch.randn(5, 4, dtype=torch.float64).t()  # (B=4, n=5), stride (1, 4)

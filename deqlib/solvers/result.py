@@ -1,0 +1,155 @@
+"""What a solve returns, and the residual bookkeeping every method shares.
+
+:class:`ResidualTracker` is called after every evaluation of ``f``: it counts NFE the same way
+for every method, records the absolute residual ``||f(z) - z||`` and the relative residual
+``||f(z) - z|| / ||f(z)||`` (the paper's A.5) per sample, keeps each sample's best iterate, and
+decides when the solve stops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["SolverResult", "ResidualTracker", "HALF", "STOP_MODES"]
+
+STOP_MODES = ("rel", "abs")
+HALF = (torch.float16, torch.bfloat16)  # states whose norms and dots are taken in float32
+
+
+@dataclass
+class SolverResult:
+    """What a solve returns. ``B`` is the batch size, ``N`` the number of f evaluations.
+
+    Attributes:
+        z: best iterate per sample, shape of ``z0``.
+        fz: ``f(z)`` at that iterate, shape of ``z0`` (one fixed-point step past ``z``, free).
+        nfe: number of calls of ``f``.
+        abs_residual, rel_residual: ``(B,)`` residuals of the returned iterate.
+        abs_trace, rel_trace: ``(N, B)`` residual of the iterate evaluated at each call.
+        best_step: ``(B,)`` index (0-based call number) of the returned iterate.
+        converged: ``(B,)`` bool, residual of the returned iterate below ``tol``.
+        status: ``"converged"`` (all samples), ``"max_iter"`` or ``"diverged"``.
+        reason: a short human-readable explanation of the status.
+    """
+
+    z: Tensor
+    fz: Tensor
+    nfe: int
+    abs_residual: Tensor
+    rel_residual: Tensor
+    abs_trace: Tensor
+    rel_trace: Tensor
+    best_step: Tensor
+    converged: Tensor
+    status: str
+    reason: str = ""
+
+
+class ResidualTracker:
+    """Residual bookkeeping shared by all methods; states are ``(B, D)``.
+
+    On a GPU at DEQ sizes a solver iteration is bound by kernel launches, not arithmetic, so
+    ``record`` is written in few operations: one host transfer carries every decision, and the
+    index of each sample's best iterate is found once, from the traces, at the end.
+    """
+
+    def __init__(self, max_iter: int, tol: float, stop_mode: str, diverge_factor: float):
+        self.max_iter = max_iter
+        self.tol = tol
+        self.use_rel = stop_mode == "rel"
+        self.diverge_factor = diverge_factor
+        self.nfe = 0
+        self.abs_trace: list[Tensor] = []
+        self.rel_trace: list[Tensor] = []
+        self.best_z: Tensor | None = None
+        self.best_fz: Tensor | None = None
+        self.best_crit: Tensor | None = None
+        self.start: Tensor | None = None  # the first z, which may be a view of the caller's z0
+        self.limit: Tensor | None = None  # (B,) absolute residual above which a sample diverged
+        self.status = "max_iter"
+        self.reason = ""
+
+    def record(self, z: Tensor, fz: Tensor, g: Tensor) -> bool:
+        """Record one evaluation ``fz = f(z)`` with residual ``g = fz - z``; return True when
+        the solve should stop."""
+        self.nfe += 1
+        # 16-bit states are measured in float32: their norms overflow past 65504 (a relative
+        # residual of 0, "converged") and the floor below rounds to 0 (0/0 at f(z) = 0).
+        acc = torch.float32 if g.dtype in HALF else None
+        abs_res = torch.linalg.vector_norm(g, dim=1, dtype=acc)
+        # The tiny floor keeps rel finite at f(z) = 0 without changing any realistic value.
+        rel_res = abs_res / (torch.linalg.vector_norm(fz, dim=1, dtype=acc) + 1e-12)
+        self.abs_trace.append(abs_res)
+        self.rel_trace.append(rel_res)
+        crit = rel_res if self.use_rel else abs_res
+        if self.best_z is None:
+            self.start = z
+            self.limit = self.diverge_factor * abs_res
+            # fmin takes the finite side, so a NaN start leaves the best criterion at inf.
+            self.best_crit = torch.fmin(crit, torch.full_like(crit, math.inf))
+            improved = crit < math.inf
+        else:
+            improved = crit < self.best_crit  # NaN compares False: never "best"
+            self.best_crit = torch.fmin(crit, self.best_crit)
+        # Per sample: improved, finite, below tol, within the divergence limit. Counting them
+        # over samples gives every decision (all: count B, any: count > 0) in one transfer.
+        # "Not above" the limit, not "<=": a limit of inf * 0 (diverge_factor=inf, a sample
+        # starting at its fixed point) is NaN and must not read as growth.
+        counts = torch.stack([improved, crit < math.inf, self.best_crit < self.tol,
+                              ~(abs_res > self.limit)]).sum(dim=1).tolist()
+        B = crit.shape[0]
+        n_improved = counts[0]
+        all_finite, all_below, none_grew = (c == B for c in counts[1:])
+        if n_improved == B or self.best_z is None:  # the common case: no copy, just keep references
+            self.best_z, self.best_fz = z, fz
+        elif n_improved > 0:
+            keep = improved.unsqueeze(1)
+            self.best_z = torch.where(keep, z, self.best_z)
+            self.best_fz = torch.where(keep, fz, self.best_fz)
+        if not all_finite:
+            self.status, self.reason = "diverged", f"non-finite f(z) at call {self.nfe}"
+            return True
+        if all_below:
+            self.status, self.reason = "converged", f"all samples below tol at call {self.nfe}"
+            return True
+        if not none_grew:
+            self.status = "diverged"
+            self.reason = f"residual grew over {self.diverge_factor:g}x its start by call {self.nfe}"
+            return True
+        if self.nfe >= self.max_iter:
+            self.status, self.reason = "max_iter", f"max_iter={self.max_iter} reached"
+            return True
+        return False
+
+    def result(self, shape: torch.Size) -> SolverResult:
+        abs_trace = torch.stack(self.abs_trace)
+        rel_trace = torch.stack(self.rel_trace)
+        crit = rel_trace if self.use_rel else abs_trace
+        # The first call at which each sample reached its lowest criterion: the iterate that
+        # ``record`` kept (a strict ``<`` there keeps the first of equal values, as argmin does).
+        # NaN and inf never count as best; a sample that never was finite keeps call 0.
+        best_step = torch.where(torch.isfinite(crit), crit, math.inf).argmin(dim=0)
+        idx = best_step.unsqueeze(0)
+        abs_res = abs_trace.gather(0, idx).squeeze(0)
+        rel_res = rel_trace.gather(0, idx).squeeze(0)
+        converged = (rel_res if self.use_rel else abs_res) < self.tol
+        # The start itself as the best iterate: a copy, or the result would change with the
+        # caller's z0 (a warm-start buffer updated in place, say).
+        best_z = self.best_z.clone() if self.best_z is self.start else self.best_z
+        return SolverResult(
+            z=best_z.reshape(shape),
+            fz=self.best_fz.reshape(shape),
+            nfe=self.nfe,
+            abs_residual=abs_res,
+            rel_residual=rel_res,
+            abs_trace=abs_trace,
+            rel_trace=rel_trace,
+            best_step=best_step,
+            converged=converged,
+            status=self.status,
+            reason=self.reason,
+        )
