@@ -404,3 +404,64 @@ def test_result_never_shares_memory_with_the_start(method):
     assert res.status == "converged" and res.nfe == 1
     z0.zero_()  # the caller reuses its buffer
     torch.testing.assert_close(res.z, 2 * x)
+
+
+def _per_sample_map(scales, dim: int = 30, seed: int = 0):
+    """f(z) = a_b * tanh(w * z + x_b): sample b contracts at about ``a_b`` (elementwise, so a
+    sample's values do not depend on how many others share its batch)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(dim, generator=g, dtype=torch.float64) + 0.5
+    a = torch.tensor(scales, dtype=torch.float64).unsqueeze(1)
+    x = torch.randn(len(scales), dim, generator=g, dtype=torch.float64)
+    return (lambda z: a * torch.tanh(w * z + x)), torch.zeros(len(scales), dim, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "broyden"])
+def test_each_sample_stops_on_its_own(method):
+    """A sample solved alone and inside a batch with a hard and a diverging sample gives the same
+    iterate and per-sample NFE: its result does not depend on its batch-mates."""
+    scales = [0.5, 0.99, 30.0]  # easy, slow, expansive (a residual that grows)
+    f_batch, z0 = _per_sample_map(scales)
+    batch = solve(f_batch, z0, method, max_iter=300, tol=1e-9, diverge_factor=20.0)
+    f_alone, z_alone = _per_sample_map([scales[0]])
+    # the same x for sample 0: rebuild its map from the batch's
+    alone = solve(lambda z: f_batch(torch.cat([z, z0[1:]]))[:1], z0[:1], method, max_iter=300, tol=1e-9,
+                  diverge_factor=20.0)
+    assert bool(alone.converged.all()) and bool(batch.converged[0])
+    assert int(batch.nfe_per_sample[0]) == int(alone.nfe_per_sample[0]) == alone.nfe
+    torch.testing.assert_close(batch.z[:1], alone.z, rtol=0, atol=1e-12)
+    # the easy sample stopped early and stayed put; the solve went on for the others
+    assert int(batch.nfe_per_sample[0]) < batch.nfe
+    assert bool((batch.rel_trace[int(batch.nfe_per_sample[0]):, 0] == batch.rel_trace[int(batch.best_step[0]), 0]).all())
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "broyden"])
+def test_a_diverging_sample_does_not_end_the_others_solve(method):
+    """Sample 1's map turns non-finite at its third call; the others still converge."""
+    f, z0 = _per_sample_map([0.5, 0.9, 0.7])
+    calls = []
+
+    def g(z):
+        out = f(z)
+        calls.append(1)
+        if len(calls) >= 3:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    res = solve(g, z0, method, max_iter=300, tol=1e-9)
+    assert res.diverged.tolist() == [False, True, False]
+    assert res.converged.tolist() == [True, False, True]
+    assert res.status == "diverged" and "1 of 3 samples diverged" in res.reason
+    assert int(res.nfe_per_sample[1]) == 3 and res.nfe > 3
+    assert bool(torch.isfinite(res.z).all())  # held at its best (finite) iterate
+
+
+def test_a_growing_residual_stops_only_its_sample():
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([[0.5], [3.0]], dtype=torch.float64)  # sample 1 expands 3x per call
+    x = torch.randn(2, 10, generator=g, dtype=torch.float64)
+    res = solve(lambda z: a * z + x, torch.zeros(2, 10, dtype=torch.float64), "fixed_point", max_iter=200,
+                tol=1e-10, diverge_factor=100.0)
+    assert res.diverged.tolist() == [False, True] and bool(res.converged[0])
+    assert int(res.nfe_per_sample[1]) < 10 < int(res.nfe_per_sample[0])

@@ -9,8 +9,10 @@ What every method shares (and so lives in :class:`ResidualTracker`, not in the m
 - after each call the absolute residual ``||f(z) - z||`` and the relative residual
   ``||f(z) - z|| / ||f(z)||`` (the paper's A.5) are recorded per sample;
 - the iterate with the lowest residual is kept per sample and returned, with ``f`` at it;
-- non-finite values or a residual that has grown ``diverge_factor``-fold stop the solve with
-  status ``"diverged"``; the best iterate so far is still returned.
+- each sample stops on its own: below ``tol``, or diverged (a non-finite value, or a residual
+  grown ``diverge_factor``-fold), it is held at its best iterate while the solve goes on for
+  the others, so a sample's result and its NFE (``nfe_per_sample``) do not depend on its
+  batch-mates; the solve ends when every sample has stopped or after ``max_iter`` calls.
 
 Memory: fixed-point keeps O(1) states, Anderson ``m`` pairs, Broyden ``window + 3`` states;
 none grows with ``max_iter``. On the CPU the history buffers are lent by
@@ -102,16 +104,16 @@ def solve(
         z0: ``(B, ...)`` start point.
         method: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``.
         max_iter: the most calls of ``f``.
-        tol: stop when every sample's residual (of kind ``stop_mode``) is below it.
+        tol: a sample stops when its residual (of kind ``stop_mode``) is below it.
         stop_mode: ``"rel"`` (``||f(z)-z|| / ||f(z)||``) or ``"abs"`` (``||f(z)-z||``).
-        diverge_factor: stop as diverged when a sample's absolute residual exceeds this
+        diverge_factor: a sample stops as diverged when its absolute residual exceeds this
             multiple of its first one.
         **method_options: the method's own options (``m``, ``beta``, ``lam`` for Anderson;
             ``window`` for Broyden; ``beta`` for fixed-point). Unknown ones are rejected.
 
     Returns:
         A :class:`SolverResult`. Runs without autograd; never raises from inside the iteration
-        (non-finite values end it with status ``"diverged"``), but for an ``f`` whose first
+        (a sample with non-finite values stops, diverged, and the status says so), but for an ``f`` whose first
         output is not a tensor of ``z0``'s shape (ValueError): flattened, an output of another
         shape with as many numbers would be taken sample by sample in the wrong order.
     """

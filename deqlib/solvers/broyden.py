@@ -65,7 +65,9 @@ def broyden(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: BroydenOption
     one = torch.ones(B, 1, **f64)
     zero = torch.zeros((), **f64)
     while True:
-        z = combine(weights_like(e[:, :n], z), W[:, :n], add=z)  # z + dx
+        # z + dx; a sample that stopped stays at its best iterate (its rows of the update below
+        # then describe a step it did not take, and only ever move it back there).
+        z = tracker.hold(combine(weights_like(e[:, :n], z), W[:, :n], add=z))
         fz = f(z)
         g = torch.sub(fz, z, out=W[:, n])  # the new residual is the next basis row
         if tracker.record(z, fz, g):

@@ -30,4 +30,4 @@ def fixed_point(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: FixedPoin
         g = fz - z
         if tracker.record(z, fz, g):
             return
-        z = fz if opts.beta == 1.0 else z.add(g, alpha=opts.beta)
+        z = tracker.hold(fz if opts.beta == 1.0 else z.add(g, alpha=opts.beta))

@@ -24,15 +24,24 @@ HALF = (torch.float16, torch.bfloat16)  # states whose norms and dots are taken 
 class SolverResult:
     """What a solve returns. ``B`` is the batch size, ``N`` the number of f evaluations.
 
+    Every sample stops on its own: once its residual is below ``tol`` (or it diverged) it keeps
+    its best iterate and stops changing, so its result does not depend on its batch-mates; the
+    solve goes on for the others.
+
     Attributes:
         z: best iterate per sample, shape of ``z0``.
         fz: ``f(z)`` at that iterate, shape of ``z0`` (one fixed-point step past ``z``, free).
-        nfe: number of calls of ``f``.
+        nfe: number of calls of ``f`` (of the batch).
         abs_residual, rel_residual: ``(B,)`` residuals of the returned iterate.
-        abs_trace, rel_trace: ``(N, B)`` residual of the iterate evaluated at each call.
+        abs_trace, rel_trace: ``(N, B)`` residual of the iterate evaluated at each call (a
+            sample that stopped is evaluated at its best iterate from then on).
         best_step: ``(B,)`` index (0-based call number) of the returned iterate.
         converged: ``(B,)`` bool, residual of the returned iterate below ``tol``.
-        status: ``"converged"`` (all samples), ``"max_iter"`` or ``"diverged"``.
+        nfe_per_sample: ``(B,)`` calls until the sample stopped (converged or diverged), ``nfe``
+            for one that never did.
+        diverged: ``(B,)`` bool, the sample stopped on a non-finite value or a residual grown
+            ``diverge_factor``-fold.
+        status: ``"converged"`` (all samples), ``"diverged"`` (some sample did) or ``"max_iter"``.
         reason: a short human-readable explanation of the status.
     """
 
@@ -45,12 +54,19 @@ class SolverResult:
     rel_trace: Tensor
     best_step: Tensor
     converged: Tensor
+    nfe_per_sample: Tensor
+    diverged: Tensor
     status: str
     reason: str = ""
 
 
 class ResidualTracker:
     """Residual bookkeeping shared by all methods; states are ``(B, D)``.
+
+    Each sample stops on its own: when its best residual is below ``tol``, when ``f`` gives it a
+    non-finite value, or when its residual has grown ``diverge_factor``-fold over its first one.
+    A stopped sample is held at its best iterate (the methods pass their next iterate through
+    :meth:`hold`); the solve ends when every sample has stopped or after ``max_iter`` calls.
 
     On a GPU at DEQ sizes a solver iteration is bound by kernel launches, not arithmetic, so
     ``record`` is written in few operations: one host transfer carries every decision, and the
@@ -70,12 +86,16 @@ class ResidualTracker:
         self.best_crit: Tensor | None = None
         self.start: Tensor | None = None  # the first z, which may be a view of the caller's z0
         self.limit: Tensor | None = None  # (B,) absolute residual above which a sample diverged
+        self.done: Tensor | None = None  # (B,) bool: stopped (converged or diverged)
+        self.diverged: Tensor | None = None  # (B,) bool
+        self.stop_call: Tensor | None = None  # (B,) call at which a sample stopped, 0 while it runs
+        self.any_done = False
         self.status = "max_iter"
         self.reason = ""
 
     def record(self, z: Tensor, fz: Tensor, g: Tensor) -> bool:
         """Record one evaluation ``fz = f(z)`` with residual ``g = fz - z``; return True when
-        the solve should stop."""
+        the solve should stop (every sample stopped, or ``max_iter`` calls)."""
         self.nfe += 1
         # 16-bit states are measured in float32: their norms overflow past 65504 (a relative
         # residual of 0, "converged") and the floor below rounds to 0 (0/0 at f(z) = 0).
@@ -86,53 +106,77 @@ class ResidualTracker:
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         crit = rel_res if self.use_rel else abs_res
-        if self.best_z is None:
+        first = self.best_z is None
+        if first:
             self.start = z
             self.limit = self.diverge_factor * abs_res
             # fmin takes the finite side, so a NaN start leaves the best criterion at inf.
             self.best_crit = torch.fmin(crit, torch.full_like(crit, math.inf))
             improved = crit < math.inf
+            self.done = torch.zeros_like(improved)
+            self.diverged = torch.zeros_like(improved)
+            self.stop_call = torch.zeros(improved.shape, dtype=torch.long, device=improved.device)
         else:
-            improved = crit < self.best_crit  # NaN compares False: never "best"
-            self.best_crit = torch.fmin(crit, self.best_crit)
-        # Per sample: improved, finite, below tol, within the divergence limit. Counting them
-        # over samples gives every decision (all: count B, any: count > 0) in one transfer.
-        # "Not above" the limit, not "<=": a limit of inf * 0 (diverge_factor=inf, a sample
+            running = ~self.done
+            improved = (crit < self.best_crit) & running  # NaN compares False: never "best"
+            self.best_crit = torch.where(running, torch.fmin(crit, self.best_crit), self.best_crit)
+        # A running sample stops here when it is below tol, not finite, or grown past its limit.
+        # "Above" the limit, not "not <=": a limit of inf * 0 (diverge_factor=inf, a sample
         # starting at its fixed point) is NaN and must not read as growth.
-        counts = torch.stack([improved, crit < math.inf, self.best_crit < self.tol,
-                              ~(abs_res > self.limit)]).sum(dim=1).tolist()
+        blew_up = ~(crit < math.inf) | (abs_res > self.limit)
+        diverging = blew_up & ~self.done
+        stops = (self.best_crit < self.tol) | diverging
+        done = self.done | stops
+        # Counting over samples gives every decision in one host transfer.
+        n_improved, n_done, n_new = torch.stack([improved, done, stops & ~self.done]).sum(dim=1).tolist()
         B = crit.shape[0]
-        n_improved = counts[0]
-        all_finite, all_below, none_grew = (c == B for c in counts[1:])
-        if n_improved == B or self.best_z is None:  # the common case: no copy, just keep references
+        if first or n_improved == B:  # the common case: no copy, just keep references
             self.best_z, self.best_fz = z, fz
         elif n_improved > 0:
             keep = improved.unsqueeze(1)
             self.best_z = torch.where(keep, z, self.best_z)
             self.best_fz = torch.where(keep, fz, self.best_fz)
-        if not all_finite:
-            self.status, self.reason = "diverged", f"non-finite f(z) at call {self.nfe}"
-            return True
-        if all_below:
-            self.status, self.reason = "converged", f"all samples below tol at call {self.nfe}"
-            return True
-        if not none_grew:
-            self.status = "diverged"
-            self.reason = f"residual grew over {self.diverge_factor:g}x its start by call {self.nfe}"
-            return True
-        if self.nfe >= self.max_iter:
-            self.status, self.reason = "max_iter", f"max_iter={self.max_iter} reached"
+        if n_new:
+            self.stop_call = torch.where(stops & ~self.done, self.nfe, self.stop_call)
+            self.diverged = self.diverged | diverging
+            self.done = done
+            self.any_done = True
+        if n_done == B or self.nfe >= self.max_iter:
+            self._conclude()
             return True
         return False
+
+    def hold(self, z: Tensor) -> Tensor:
+        """The next iterate ``z (B, D)`` with every stopped sample held at its best iterate."""
+        if not self.any_done:
+            return z
+        return torch.where(self.done.unsqueeze(1), self.best_z, z)
+
+    def _conclude(self) -> None:
+        n_div, n_conv = torch.stack([self.diverged, self.best_crit < self.tol]).sum(dim=1).tolist()
+        B = self.best_crit.shape[0]
+        if n_div:
+            self.status = "diverged"
+            self.reason = (f"{n_div} of {B} samples diverged (a non-finite f(z), or a residual grown over "
+                           f"{self.diverge_factor:g}x its start); {n_conv} below tol after {self.nfe} calls")
+        elif n_conv == B:
+            self.status, self.reason = "converged", f"all samples below tol by call {self.nfe}"
+        else:
+            self.status = "max_iter"
+            self.reason = f"max_iter={self.max_iter} reached with {n_conv} of {B} samples below tol"
 
     def result(self, shape: torch.Size) -> SolverResult:
         abs_trace = torch.stack(self.abs_trace)
         rel_trace = torch.stack(self.rel_trace)
         crit = rel_trace if self.use_rel else abs_trace
+        n = crit.shape[0]
+        # Only the calls while a sample ran count: once stopped it is re-evaluated at its best.
+        last = torch.where(self.stop_call > 0, self.stop_call, n)
+        ran = torch.arange(n, device=crit.device).unsqueeze(1) < last.unsqueeze(0)
         # The first call at which each sample reached its lowest criterion: the iterate that
         # ``record`` kept (a strict ``<`` there keeps the first of equal values, as argmin does).
         # NaN and inf never count as best; a sample that never was finite keeps call 0.
-        best_step = torch.where(torch.isfinite(crit), crit, math.inf).argmin(dim=0)
+        best_step = torch.where(torch.isfinite(crit) & ran, crit, math.inf).argmin(dim=0)
         idx = best_step.unsqueeze(0)
         abs_res = abs_trace.gather(0, idx).squeeze(0)
         rel_res = rel_trace.gather(0, idx).squeeze(0)
@@ -150,6 +194,8 @@ class ResidualTracker:
             rel_trace=rel_trace,
             best_step=best_step,
             converged=converged,
+            nfe_per_sample=last,
+            diverged=self.diverged.clone(),
             status=self.status,
             reason=self.reason,
         )
