@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from .checks import check_int, check_real
+from .penalty_schedule import AdaptiveGamma, AdaptiveGammaController, GammaController, ScheduledGamma
 
 __all__ = ["frobenius_sq_per_dim", "spectral_radius", "estimate_spectral_radius", "SpectralRadius",
-           "JacobianPenalty"]
+           "JacobianPenalty", "AdaptiveGamma"]
 
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -198,35 +199,60 @@ class JacobianPenalty:
     The loss term is ``tau * gamma(t) * mean_b ||J_b||_F^2 / d`` with ``tau ~ Bernoulli(p)``.
     ``gamma`` goes from ``gamma`` to ``gamma_end`` over training (linear in the progress
     ``t / T``; the training loop counts the steps after pretraining, when the penalty can first
-    apply), e.g. 1.6 -> 2.5 for WikiText-103; ``gamma_end=None`` keeps it constant.
+    apply), e.g. 1.6 -> 2.5 for WikiText-103; ``gamma_end=None`` keeps it constant. With
+    ``adaptive`` set, gamma starts at ``gamma`` and follows what the run measures instead
+    (:class:`deqlib.penalty_schedule.AdaptiveGamma`); the loop then takes each step's weight from
+    :meth:`controller`, which serves the fixed schedule too.
 
     Attributes:
-        gamma: start weight (>= 0). gamma_end: end weight (>= 0) or None.
+        gamma: start weight (>= 0; within the adaptive bounds when adaptive is set).
+        gamma_end: end weight (>= 0) or None; None when adaptive is set.
         p: probability of applying the term at a step, in [0, 1].
         n_probes: M, Hutchinson probes (>= 1).
+        adaptive: an adaptive gamma policy, or None for the fixed schedule.
     """
 
     gamma: float = 0.0
     gamma_end: float | None = None
     p: float = 1.0
     n_probes: int = 1
+    adaptive: AdaptiveGamma | None = None
 
     def __post_init__(self) -> None:
         check_real("gamma", self.gamma, minimum=0)
         check_real("gamma_end", self.gamma_end, minimum=0, optional=True)
         check_real("p", self.p, minimum=0, maximum=1)
         check_int("n_probes", self.n_probes, 1)
+        a = self.adaptive
+        if a is None:
+            return
+        if not isinstance(a, AdaptiveGamma):
+            raise ValueError(f"adaptive must be an AdaptiveGamma section or null, got adaptive={a!r}")
+        if self.gamma_end is not None:
+            raise ValueError(f"gamma_end must be null when adaptive is set (gamma follows the "
+                             f"measurement, not the clock), got gamma_end={self.gamma_end!r}")
+        if not a.gamma_min <= self.gamma <= a.gamma_max:
+            raise ValueError(f"gamma must be in [adaptive.gamma_min, adaptive.gamma_max] = [{a.gamma_min}, "
+                             f"{a.gamma_max}] when adaptive is set (it is the start), got gamma={self.gamma!r}")
 
     @property
     def enabled(self) -> bool:
         return self.p > 0 and (self.gamma > 0 or (self.gamma_end or 0.0) > 0)
 
     def weight(self, step: int, total_steps: int) -> float:
-        """gamma at ``step`` of ``total_steps`` (0-based)."""
+        """gamma at ``step`` of ``total_steps`` (0-based); with ``adaptive`` set, the start
+        (the current gamma is the state of :meth:`controller`'s controller)."""
         if self.gamma_end is None or total_steps <= 1:
             return float(self.gamma)
         t = min(max(step / (total_steps - 1), 0.0), 1.0)
         return float(self.gamma + (self.gamma_end - self.gamma) * t)
+
+    def controller(self) -> GammaController:
+        """A fresh controller of this policy, the loop's one source of the weight: stateless
+        for the fixed schedule, the adaptive policy's state (starting at ``gamma``) otherwise."""
+        if self.adaptive is None:
+            return ScheduledGamma(self.weight)
+        return AdaptiveGammaController(self.adaptive, self.gamma)
 
     def applies(self, generator: torch.Generator) -> bool:
         """Draw tau ~ Bernoulli(p) from ``generator`` (the same draw on every process)."""
@@ -241,7 +267,18 @@ class JacobianPenalty:
         step: int,
         total_steps: int,
         generator: torch.Generator | None = None,
+        weight: float | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``(weighted term, mean ||J||_F^2/d estimate)``; call only on steps where it applies."""
+        """``(weighted term, mean ||J||_F^2/d estimate)``; call only on steps where it applies.
+
+        ``weight``: gamma of this step, from :meth:`controller` (None: the fixed schedule's
+        :meth:`weight`). Required with ``adaptive`` set: the policy's gamma is run state that
+        this frozen configuration does not hold, and the start gamma in its place would silently
+        train a fixed-gamma run."""
+        check_real("weight", weight, minimum=0, optional=True)
+        if weight is None and self.adaptive is not None:
+            raise ValueError("weight must be given when adaptive is set (the controller's current gamma: "
+                             "controller().weight(step, total_steps)), got weight=None")
         est = frobenius_sq_per_dim(z, fz, self.n_probes, create_graph=True, generator=generator).mean()
-        return self.weight(step, total_steps) * est, est.detach()
+        w = self.weight(step, total_steps) if weight is None else float(weight)
+        return w * est, est.detach()

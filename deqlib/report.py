@@ -104,9 +104,10 @@ def print_setup(profile: str, cfg: Mapping[str, Any], penalty: str = "Jacobian p
     """Print a training notebook's setup, one line per block of its config (``to_dict`` of an
     experiment with ``data``, ``model``, ``train`` and ``eval``): data, model, training, the
     forward and backward solvers, the Jacobian penalty (labelled ``penalty``, without the keys
-    in ``penalty_hides``, e.g. a gamma the notebook sweeps) and evaluation."""
+    in ``penalty_hides``, e.g. a gamma the notebook sweeps, nor an unset ``adaptive``: a fixed
+    schedule's line reads as before there was an adaptive policy) and evaluation."""
     train = cfg["train"]
-    hidden = set(penalty_hides)
+    hidden = set(penalty_hides) | ({"adaptive"} if train["jacobian"].get("adaptive") is None else set())
     setup = {
         "data": cfg["data"],
         "model": cfg["model"],
