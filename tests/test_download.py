@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from deqlib.data.download import DATA_ENV, DownloadError, data_root, download, extract
+from deqlib.data.download import DATA_ENV, DEFAULT_DATA_DIR, DownloadError, data_root, download, extract
 
 
 def _payload(tmp_path):
@@ -66,15 +66,19 @@ def test_extract_is_all_or_nothing(tmp_path):
 
 
 def test_data_root_from_parameter_or_environment(monkeypatch, tmp_path):
+    """data.root, else $DEQLIB_DATA, else data/ beside params.yaml (the folder ``base`` names)."""
     monkeypatch.delenv(DATA_ENV, raising=False)
     with pytest.raises(ValueError, match=DATA_ENV):
         data_root(None)
+    assert data_root("", base=tmp_path) == tmp_path / DEFAULT_DATA_DIR == tmp_path / "data"
     assert data_root(str(tmp_path)) == tmp_path
     assert data_root("../d", base=tmp_path) == tmp_path / "../d"
     assert data_root(str(tmp_path), base="/elsewhere") == tmp_path
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
     assert data_root("") == tmp_path / "env"
+    assert data_root("", base=tmp_path / "repo") == tmp_path / "env"
     assert data_root(str(tmp_path)) == tmp_path
+    assert data_root("d", base=tmp_path / "repo") == tmp_path / "repo" / "d"
 
 
 def test_a_connection_cut_mid_body_is_a_download_error_and_leaves_nothing(tmp_path):

@@ -211,14 +211,18 @@ def test_every_source_is_paired():
 
 
 def test_dvc_accepts_the_pipeline():
-    """dvc.yaml parses, and every notebook has a stage that depends on its source."""
+    """dvc.yaml parses, every notebook has a stage, and the stages of the experiments that read
+    a downloadable data set come after the stage that fetches it."""
+    import re
     import shutil
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
-    proc = subprocess.run([dvc, "dag", "--md"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([dvc, "dag", "--dot"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    for experiment in NOTEBOOKS:
-        assert experiment in proc.stdout
+    nodes = set(re.findall(r'^"(\w+)";$', proc.stdout, re.M))
+    edges = set(re.findall(r'^"(\w+)" -> "(\w+)";$', proc.stdout, re.M))
+    assert set(NOTEBOOKS) <= nodes, proc.stdout
+    assert {("fetch_cifar10", "cifar10"), ("fetch_wikitext103", "wikitext")} <= edges, proc.stdout
 
 
 # --- the runner around the notebook: checked before a kernel starts, one run per folder, the

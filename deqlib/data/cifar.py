@@ -1,8 +1,9 @@
 """CIFAR-10 in its standard "python version" layout, and its augmentation on tensors.
 
-The data root (a parameter, else ``$DEQLIB_DATA``) holds ``cifar-10-batches-py/`` with the
-pickled batches ``data_batch_1..5`` and ``test_batch``. When that folder is absent the archive is
-downloaded from the canonical source, its published MD5 checked, and extracted atomically.
+The data root (a parameter, else ``$DEQLIB_DATA``, else the repository's ``data/``) holds
+``cifar-10-batches-py/`` with the pickled batches ``data_batch_1..5`` and ``test_batch``. When
+that folder is absent the archive is downloaded from the canonical source, its published MD5
+checked, and extracted atomically.
 Any folder in the same layout works, e.g. the shared slice of 5085 / 1017 real images: the
 number of images is the length of each batch's ``labels``, never ``num_cases_per_batch``.
 
@@ -33,6 +34,7 @@ __all__ = [
     "CIFAR_STD",
     "CifarDataConfig",
     "Cifar10",
+    "fetch_cifar10",
     "load_cifar10",
     "random_crop_flip",
     "normalize",
@@ -54,8 +56,9 @@ class CifarDataConfig:
     """Where the images are and how the training batches are augmented.
 
     Attributes:
-        root: data root holding ``cifar-10-batches-py/`` ("" means ``$DEQLIB_DATA``); a relative
-            path is resolved against the folder of ``params.yaml``.
+        root: data root holding ``cifar-10-batches-py/`` ("" means ``$DEQLIB_DATA`` if set, else
+            ``data/`` beside ``params.yaml``); a relative path is resolved against the folder of
+            ``params.yaml``.
         download: fetch the archive when the folder is absent (else a clear error).
         augment: random crop (``pad`` pixels) and horizontal flip of the training batches.
         pad: crop padding in pixels.
@@ -162,6 +165,17 @@ def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
     return data.reshape(n, 3, 32, 32).contiguous(), labels
 
 
+def fetch_cifar10(root: str | Path, url: str = CIFAR_URL, md5: str = CIFAR_MD5) -> Path:
+    """Download ``url`` (checked against ``md5``) into ``root`` and extract it, unless
+    ``root/cifar-10-batches-py`` is there; returns that folder. The archive stays in ``root``
+    (a second extraction needs no network). Raises DownloadError naming the URL."""
+    folder = Path(root) / CIFAR_FOLDER
+    if not folder.is_dir():
+        archive = download(url, folder.parent / Path(url).name, md5, algorithm="md5")
+        extract(archive, folder.parent, CIFAR_FOLDER)
+    return folder
+
+
 def load_cifar10(
     root: str | Path | None = None,
     base: str | Path | None = None,
@@ -183,8 +197,7 @@ def load_cifar10(
     if not folder.is_dir():
         if not download_missing:
             raise FileNotFoundError(f"no CIFAR-10 at {folder} and download is off")
-        archive = download(url, folder.parent / Path(url).name, md5, algorithm="md5")
-        extract(archive, folder.parent, CIFAR_FOLDER)
+        fetch_cifar10(folder.parent, url, md5)
     missing = [name for name in (*TRAIN_FILES, TEST_FILE, "batches.meta") if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {missing}: not the CIFAR-10 python layout")

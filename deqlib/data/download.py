@@ -5,7 +5,9 @@ onto ``dest``, so an interrupted or corrupt download never looks complete. Archi
 extracted into a temporary sibling folder that is renamed into place at the end.
 
 Where data lives is configuration: :func:`data_root` reads an explicit parameter first, then the
-``DEQLIB_DATA`` environment variable, and never guesses a path of this machine.
+``DEQLIB_DATA`` environment variable, then the ``data/`` folder beside ``params.yaml``
+(:data:`DEFAULT_DATA_DIR`, git-ignored, where the pipeline's fetch stages put what they
+download), and never guesses a path of this machine.
 """
 
 from __future__ import annotations
@@ -20,22 +22,31 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-__all__ = ["DATA_ENV", "data_root", "file_digest", "download", "extract", "DownloadError"]
+__all__ = ["DATA_ENV", "DEFAULT_DATA_DIR", "data_root", "file_digest", "download", "extract", "DownloadError"]
 
 DATA_ENV = "DEQLIB_DATA"
+DEFAULT_DATA_DIR = "data"  # relative to the folder of params.yaml (the repository root)
 
 
 class DownloadError(RuntimeError):
-    """A file could not be fetched, or its checksum did not match."""
+    """A file could not be fetched, or its checksum did not match. ``url`` and ``reason`` say
+    which URL could not be reached and why (None for other failures), for a caller that
+    reports several mirrors in one message."""
+
+    def __init__(self, message: str, url: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.url, self.reason = url, reason
 
 
 def data_root(configured: str | os.PathLike | None = None, base: str | os.PathLike | None = None) -> Path:
-    """The data folder: ``configured`` if given (non-empty), else ``$DEQLIB_DATA``.
+    """The data folder: ``configured`` if given (non-empty), else ``$DEQLIB_DATA`` if set, else
+    ``base/data`` (:data:`DEFAULT_DATA_DIR`).
 
     A relative ``configured`` path is resolved against ``base`` when given: experiments pass
     the folder of ``params.yaml`` (the repository root), so ``../shared/data/...`` in
-    ``params.yaml`` means the same from a notebook, a test or the DVC stage.
-    Raises ``ValueError`` when neither is set, naming both ways to set it.
+    ``params.yaml`` means the same from a notebook, a test or the DVC stage, and the default is
+    the repository's ``data/``, the folder DVC's fetch stages fill. Raises ``ValueError`` when
+    none of the three is given, naming the ways to set it.
     """
     if configured not in (None, ""):
         path = Path(configured).expanduser()
@@ -43,6 +54,8 @@ def data_root(configured: str | os.PathLike | None = None, base: str | os.PathLi
     env = os.environ.get(DATA_ENV, "")
     if env:
         return Path(env).expanduser()
+    if base is not None:
+        return Path(base) / DEFAULT_DATA_DIR
     raise ValueError(f"no data root: set the experiment's data.root parameter or the {DATA_ENV} "
                      "environment variable")
 
@@ -102,7 +115,7 @@ def download(url: str, dest: str | os.PathLike, checksum: str, algorithm: str = 
             # HTTPException: a connection cut mid-body (IncompleteRead) must fail over to the
             # next mirror like any other network error.
             raise DownloadError(f"could not download {url} ({err}); with no network, place the "
-                                f"file at {dest} by hand") from err
+                                f"file at {dest} by hand", url=url, reason=str(err)) from err
         got = file_digest(tmp, algorithm)
         if got != checksum:
             raise DownloadError(f"checksum mismatch for {url}: {algorithm} {got}, expected {checksum}")

@@ -188,9 +188,10 @@ class WikiTextData:
     """Where the corpus is and which files are the training and evaluation splits.
 
     ``root``: the data root (relative paths resolve against the params file's folder; empty
-    means ``$DEQLIB_DATA``). Files are read from ``root/folder``. ``download``: fetch and
-    extract WikiText-103 into ``root`` when the files are absent (``folder`` must then be
-    ``"wikitext-103"``, the archive's folder). ``unk``: the word unseen words map to.
+    means ``$DEQLIB_DATA`` if set, else ``data/`` beside the params file). Files are read from
+    ``root/folder``. ``download``: fetch and extract WikiText-103 into ``root`` when the files
+    are absent (``folder`` must then be ``"wikitext-103"``, the archive's folder). ``unk``: the
+    word unseen words map to.
     """
 
     root: str = ""
@@ -219,7 +220,8 @@ class WikiTextData:
 def fetch_wikitext103(root: str | os.PathLike, urls: Sequence[str] = WT103_URLS,
                       checksum: str = WT103_MD5) -> Path:
     """Download (trying ``urls`` in order) and extract WikiText-103 into ``root``; returns
-    ``root/wikitext-103``. Raises DownloadError naming every URL's failure."""
+    ``root/wikitext-103``. The archive stays in ``root``. Raises DownloadError naming every
+    URL's failure, in one line."""
     root = Path(root)
     folder = root / WT103_FOLDER
     if folder.is_dir():
@@ -231,9 +233,11 @@ def fetch_wikitext103(root: str | os.PathLike, urls: Sequence[str] = WT103_URLS,
             download(url, archive, checksum, algorithm="md5", headers=_HEADERS)
             break
         except DownloadError as err:
-            errors.append(str(err))
+            errors.append(err)
     else:
-        raise DownloadError("WikiText-103 could not be fetched:\n  " + "\n  ".join(errors))
+        reasons = "; ".join(f"could not download {e.url} ({e.reason})" if e.url else str(e) for e in errors)
+        hint = f"; with no network, place the file at {archive} by hand" if any(e.url for e in errors) else ""
+        raise DownloadError(f"WikiText-103 could not be fetched: {reasons}{hint}")
     return extract(archive, root, WT103_FOLDER)
 
 
