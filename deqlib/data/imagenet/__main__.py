@@ -1,0 +1,7 @@
+"""``python -m deqlib.data.imagenet prepare|throughput ...`` (see :func:`deqlib.data.imagenet.main`)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
