@@ -375,6 +375,7 @@ def test_eval_batches_prefetch_along_a_stride(tiny):
     for start in (0, 4, 8):  # process 0 of 2, batches of 2: 0, 2, 4 -> items 0, 4, 8
         x, y = ev.batch(start, min(start + 2, 9))
         assert torch.equal(x, whole[start:start + 2])
+        assert torch.equal(ev.batch(start, min(start + 2, 9))[0], x)  # asked twice: no restart (below)
     assert ev._prefetch.restarts == 2  # the first call, then the stride learnt from the second
     with pytest.raises(ValueError, match=r"^stop must be an integer in \[3, 9\], got stop=10"):
         ev.batch(2, 10)
