@@ -30,12 +30,14 @@ class StepOutput:
 
 
 def add_penalty(out: StepOutput, penalty: JacobianPenalty, step: int = 0, total: int = 1,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """``(task loss + gamma(step) * ||J||_F^2 / d estimate, the estimate)`` for a step the
-    penalty was drawn on (the caller draws tau). The estimate is taken at the equilibrium of the
-    step's solve, from its differentiable pair ``(z*, f(z*))``: no extra call of ``f``."""
+                generator: torch.Generator | None = None, weight: float | None = None) -> tuple[Tensor, Tensor]:
+    """``(task loss + gamma * ||J||_F^2 / d estimate, the estimate)`` for a step the penalty was
+    drawn on (the caller draws tau). The estimate is taken at the equilibrium of the step's
+    solve, from its differentiable pair ``(z*, f(z*))``: no extra call of ``f``. ``weight``:
+    gamma of this step from the policy's controller (None: the fixed schedule at ``step`` of
+    ``total``)."""
     if out.stats is None:
         raise ValueError("the penalty needs an equilibrium solve; this step has none (pretraining?)")
     z_star, f_star = out.stats.jacobian_inputs()
-    term, estimate = penalty.loss(z_star, f_star, step, total, generator)
+    term, estimate = penalty.loss(z_star, f_star, step, total, generator, weight=weight)
     return out.loss + term, estimate

@@ -86,6 +86,15 @@ def _mean(t: Tensor | None) -> float:
     return float("nan") if t is None else float(t.float().mean())
 
 
+def _process_mean(accelerator: Any, value: float) -> float:
+    """``value`` averaged over the processes of the run (itself with one process); NaN where any
+    process had none (a step without the penalty: nothing to measure)."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.gather(t).mean())
+
+
 def _monitored(monitor: Callable[[nn.Module], Mapping[str, float]], model: nn.Module) -> dict[str, float]:
     """``monitor(model)`` in evaluation mode, with torch's global generator left as it was (a
     monitored run draws what an unmonitored one draws)."""
@@ -136,6 +145,7 @@ def train(
     scaler = getattr(accelerator, "scaler", None)  # fp16: the loss scale and its growth count
     ckpt_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
     start, records = 0, []
+    gamma = cfg.jacobian.controller()  # the penalty's weight: a fixed schedule, or adaptive run state
     run_id = plain_values({"train": dataclasses.asdict(cfg), "total_steps": total, "steps_per_epoch": data.steps_per_epoch,
                      "identity": dict(identity or {})}, "run")
     state = None
@@ -152,6 +162,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, records = state["step"], state["records"]
+        gamma.load_state_dict(state.get("gamma_policy") or {})
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         if accelerator.num_processes > 1:
@@ -182,7 +193,7 @@ def train(
         pretrain = step < cfg.pretrain_steps
         with accelerator.autocast():
             out: StepOutput = wrapped(batch, pretrain=pretrain)
-            jac_est = None
+            jac_est, weight = None, float("nan")
             loss = out.loss
             gen = penalty_rng(cfg.seed, step)  # tau: the same draw on every process
             if out.stats is not None and cfg.jacobian.applies(gen):
@@ -190,8 +201,8 @@ def train(
                     gen = penalty_rng(cfg.seed, step, rank)  # this process's own probes
                 # gamma's schedule runs over the equilibrium steps: it starts at gamma when the
                 # penalty first can apply, after pretraining (as the official code's does).
-                loss, jac_est = add_penalty(out, cfg.jacobian, step - cfg.pretrain_steps, total - cfg.pretrain_steps,
-                                            gen)
+                weight = gamma.weight(step - cfg.pretrain_steps, total - cfg.pretrain_steps)
+                loss, jac_est = add_penalty(out, cfg.jacobian, generator=gen, weight=weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip is not None:
@@ -209,9 +220,14 @@ def train(
             "bwd_nfe": float(st.backward.nfe) if st and st.backward else float("nan"),
             "bwd_rel_res": _mean(st.backward.rel_residual) if st and st.backward else float("nan"),
             "jac_fro": math.sqrt(float(jac_est)) if jac_est is not None else float("nan"),
+            "gamma": weight,
             "step_time_s": time.perf_counter() - t0,
             **out.metrics,
         }
+        if gamma.measure:
+            # With several processes each measured its own share: the policy must see one
+            # value, or each process would move gamma its own way.
+            gamma.update(_process_mean(accelerator, rec[gamma.measure]))
         done = step + 1
         if monitor is not None and ((monitor_every and done % monitor_every == 0) or done == total):
             rec.update(_monitored(monitor, accelerator.unwrap_model(wrapped)))
@@ -228,6 +244,7 @@ def train(
             if accelerator.is_main_process:
                 atomic_save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict() if scaler is not None else None,
+                             "gamma_policy": gamma.state_dict(),
                              "step": done, "records": records, "run": run_id}, ckpt_path)
         if bar is not None:
             bar.update(1)
