@@ -1,19 +1,10 @@
-"""Results beside the paper's: the reference numbers (with sources), metric and curve files
-that DVC reads, and one plotting style."""
+"""The paper's numbers and claims, each with where it comes from (see ../shared/REFERENCE.md)."""
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_open
-
-__all__ = ["PAPER", "write_metrics", "write_curves", "use_style", "make_output_dir", "print_setup"]
+__all__ = ["PAPER"]
 
 # Versioned reference numbers; each with where it comes from.
 PAPER: dict[str, dict[str, Any]] = {
@@ -88,80 +79,3 @@ PAPER: dict[str, dict[str, Any]] = {
         "source": "supplement Table 4, WikiText-103 column",
     },
 }
-
-
-def make_output_dir(path: str | os.PathLike | None) -> Path | None:
-    """Create and return ``path`` (None or "" means: write nothing)."""
-    if not path:
-        return None
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def print_setup(profile: str, cfg: Mapping[str, Any], penalty: str = "Jacobian penalty",
-                penalty_hides: Iterable[str] = ()) -> None:
-    """Print a training notebook's setup, one line per block of its config (``to_dict`` of an
-    experiment with ``data``, ``model``, ``train`` and ``eval``): data, model, training, the
-    forward and backward solvers, the Jacobian penalty (labelled ``penalty``, without the keys
-    in ``penalty_hides``, e.g. a gamma the notebook sweeps, nor an unset ``adaptive``: a fixed
-    schedule's line reads as before there was an adaptive policy) and evaluation."""
-    train = cfg["train"]
-    hidden = set(penalty_hides) | ({"adaptive"} if train["jacobian"].get("adaptive") is None else set())
-    setup = {
-        "data": cfg["data"],
-        "model": cfg["model"],
-        "train": {k: v for k, v in train.items() if k not in ("forward", "backward", "jacobian")},
-        "forward solver": train["forward"],
-        "backward solver": train["backward"],
-        penalty: {k: v for k, v in train["jacobian"].items() if k not in hidden},
-        "evaluation": cfg["eval"],
-    }
-    print(f"profile: {profile}")
-    for name, block in setup.items():
-        print(f"{name:>17}: {block}")
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, Mapping):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_open(path, "w") as fh:
-        fh.write(text)
-
-
-def write_metrics(out: Path | None, metrics: Mapping[str, Any], name: str = "metrics.json") -> None:
-    """A DVC metrics file (JSON; non-finite numbers become null)."""
-    if out is not None:
-        _atomic_write_text(out / name, json.dumps(_clean(metrics), indent=2, sort_keys=True) + "\n")
-
-
-def write_curves(out: Path | None, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
-    """A DVC plots file (CSV with a header; the union of the rows' keys)."""
-    if out is None:
-        return
-    rows = list(rows)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with atomic_open(out / name, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def use_style() -> None:
-    """The suite's one plotting style."""
-    import matplotlib
-
-    import seaborn as sns
-
-    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
-    matplotlib.rcParams.update({"figure.dpi": 80, "savefig.dpi": 120, "figure.autolayout": True})
