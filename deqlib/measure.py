@@ -3,7 +3,9 @@
 ``PeakMemory`` counts the bytes of the storages of tensors created by torch operations inside
 its block and keeps the peak of those still alive; it works on CPU, where torch has no
 allocator statistics, and agrees with ``torch.cuda.max_memory_allocated`` up to allocator
-rounding. ``saved_tensor_bytes`` sums the bytes autograd saves for backward (activation
+rounding. :func:`peak_memory` is the one way a benchmark or an experiment measures the peak of
+a call: the allocator's own statistics on CUDA, ``PeakMemory`` elsewhere, with a line saying
+which. ``saved_tensor_bytes`` sums the bytes autograd saves for backward (activation
 memory), exactly and on any device. ``steady_malloc`` keeps glibc from handing freed blocks
 back to the OS between calls, which otherwise makes CPU timings of the same call swing ~2x.
 """
@@ -16,13 +18,14 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["PeakMemory", "OpCounter", "saved_tensor_bytes", "median_time", "steady_malloc"]
+__all__ = ["PeakMemory", "MemoryPeak", "peak_memory", "OpCounter", "saved_tensor_bytes", "median_time",
+           "steady_malloc"]
 
 
 class PeakMemory(TorchDispatchMode):
@@ -64,6 +67,41 @@ class PeakMemory(TorchDispatchMode):
             entry[0] += 1
             weakref.finalize(t, self._release, key)
         return out
+
+
+class MemoryPeak(NamedTuple):
+    """The peak memory of one call: ``nbytes``, and ``counted``, what those bytes count in words
+    (reports print it beside the figure, since the two devices count differently)."""
+
+    nbytes: int
+    counted: str
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str, count_existing: bool = False) -> MemoryPeak:
+    """The peak memory of ``fn()`` run on ``device``.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` during the call (the device synchronized on
+    both sides), minus what was allocated before it unless ``count_existing`` (then the
+    parameters, optimizer state and inputs that already existed are in the figure). Elsewhere:
+    :class:`PeakMemory`'s peak of live tensor bytes made inside the call, which cannot see what
+    existed before it, whatever ``count_existing`` says.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        with PeakMemory() as pm:
+            fn()
+        return MemoryPeak(pm.peak, "deqlib.measure.PeakMemory: live tensor bytes made inside the call "
+                                   "(what existed before it, e.g. parameters and optimizer state, not included)")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = 0 if count_existing else torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    if count_existing:
+        return MemoryPeak(peak, "torch.cuda.max_memory_allocated (what existed before the call, e.g. "
+                                "parameters and optimizer state, included)")
+    return MemoryPeak(peak, "torch.cuda.max_memory_allocated above what was allocated before the call")
 
 
 class OpCounter(TorchDispatchMode):

@@ -25,7 +25,7 @@ from ..config import training_identity
 from ..data.wikitext import LMStream, WikiTextData, batchify, load_wikitext
 from ..deq import SolverSettings
 from ..jacobian import JacobianPenalty
-from ..measure import saved_tensor_bytes
+from ..measure import peak_memory, saved_tensor_bytes
 from ..models.transformer import DEQTransformerLM, Memory, TransformerConfig
 from ..train import TrainConfig, train
 from .core import equilibrium_mean, pipeline_run_dir
@@ -213,12 +213,7 @@ def activation_memory(model: DEQTransformerLM, inputs: Tensor, targets: Tensor,
     _, shell = saved_tensor_bytes(lambda: step(layers=0))
     result["core"] = result["total"] - shell
     if ref.is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step().backward()
-        torch.cuda.synchronize()
-        result["cuda_peak"] = torch.cuda.max_memory_allocated() - base
+        result["cuda_peak"] = peak_memory(lambda: step().backward(), ref.device).nbytes
         model.zero_grad(set_to_none=True)
     model.train(was_training)
     return result
