@@ -64,7 +64,7 @@ NOTEBOOKS = {
 CONFIGS = {
     "synthetic": "deqlib.experiments.synthetic:SyntheticExperiment",
     "cifar10": "deqlib.experiments.cifar:CifarExperiment",
-    "solvers": "deqlib.experiments.solvers:SolversExperiment",
+    "solvers": "deqlib.experiments.solver_study:SolversExperiment",
     "wikitext": "deqlib.experiments.wikitext:WikiTextExperiment",
 }
 STAGING = ".run.staging"  # inside the output folder: what the notebook writes until it finishes

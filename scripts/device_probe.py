@@ -6,10 +6,9 @@ problem in full precision. Run from the repository root on a CUDA machine:
 """
 import sys, time, torch
 from torch.profiler import profile, ProfilerActivity
-from deqlib.bench import calibrated_conv_map
 from deqlib.solvers import solve
 from deqlib.config import load_experiment
-from deqlib.experiments.solvers import SolversExperiment, build_problem, _Backward
+from deqlib.experiments.solver_study import SolversExperiment, build_problem, calibrated_conv_map
 dev = torch.device("cuda")
 # 1. kernels and syncs per iteration on the issue #2 map
 f = calibrated_conv_map(32, 64, 32, 1e-3, 0).to(dev)

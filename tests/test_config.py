@@ -15,7 +15,7 @@ import yaml
 from deqlib.config import (PROFILES, apply_overrides, build, load_experiment, load_params, load_yaml, parse_override,
                            to_dict, training_identity)
 from deqlib.experiments.cifar import CifarExperiment
-from deqlib.experiments.solvers import SolversExperiment
+from deqlib.experiments.solver_study import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
 from deqlib.experiments.wikitext import WikiTextExperiment
 from deqlib.train import TrainConfig

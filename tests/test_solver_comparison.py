@@ -5,11 +5,10 @@ import sys
 import pytest
 import torch
 
-from deqlib.bench import ConvMap, calibrate_scale
-from deqlib.experiments.solvers import (
-    LIBRARIES, METHODS, PROBLEMS, CallRecorder, ConvSpec, FlatMap, MDEQSpec, SolversExperiment, SyntheticSpec,
-    TransformerSpec, build_problem, compare, contraction_path, gradient_error, library_solver, measure_solve,
-    recommendations, reference, resolve_libraries, torchdeq_version,
+from deqlib.experiments.solver_study import (
+    LIBRARIES, METHODS, PROBLEMS, CallRecorder, ConvMap, ConvSpec, FlatMap, MDEQSpec, SolversExperiment,
+    SyntheticSpec, TransformerSpec, build_problem, calibrate_scale, compare, contraction_path, gradient_error,
+    library_solver, measure_solve, recommendations, reference, resolve_libraries, torchdeq_version,
 )
 from deqlib.jacobian import spectral_radius
 from deqlib.solvers import solve
@@ -213,7 +212,7 @@ def test_transformer_problem_converts_its_context_but_not_its_indices(problems):
     assert p64.f(z).dtype == torch.float64
 
 
-def test_bench_compare_writes_rows_checks_and_ratios(tmp_path, capsys):
+def test_bench_compare_writes_rows_and_ratios(tmp_path, capsys):
     import json
 
     from deqlib.bench import main
@@ -223,7 +222,8 @@ def test_bench_compare_writes_rows_checks_and_ratios(tmp_path, capsys):
                  "--set", "libraries=[deqlib]", "--set", "radius_iters=5", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {(r["problem"], r["method"]) for r in report["rows"]} == {("synthetic", m) for m in METHODS}
-    assert all(r["fwd_converged"] for r in report["rows"]) and report["checks"]
+    assert all(r["fwd_converged"] for r in report["rows"]) and "checks" not in report
+    assert set(report["ratios"]) == {"fwd", "bwd"} and set(report["ratios"]["fwd"]) == set(METHODS)
     assert "deqlib/torchdeq" not in capsys.readouterr().out  # nothing to compare with deqlib alone
 
 

@@ -1,0 +1,81 @@
+"""``python -m deqlib.bench solvers``: what each solver costs beyond its calls of ``f``, on the
+calibrated MDEQ-sized conv map :class:`deqlib.experiments.solver_study.ConvMap`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..experiments.solver_study import calibrated_conv_map, ops_per_call, own_time_per_call
+from ..measure import median_time, peak_memory
+from ..solvers import METHODS, solve
+from .environment import device_name, pick_device
+
+__all__ = ["bench_solvers"]
+
+
+@torch.no_grad()
+def bench_solvers(
+    batch: int = 32, channels: int = 64, size: int = 32, tol: float = 1e-3, repeats: int = 9,
+    max_iters: tuple[int, int] = (30, 300), seed: int = 0, device: str | None = None,
+) -> dict:
+    """Each method of :data:`deqlib.solvers.METHODS` on a seeded conv map, states
+    ``(batch, channels, size, size)``, its scale calibrated so that plain iteration needs 20-40
+    calls to reach ``tol``; ``device``: ``"cpu"``, ``"cuda"`` or None (CUDA when there is one).
+
+    Per method: NFE and status of a solve with ``max_iters[0]``, its median time over
+    ``repeats`` and overhead ratio (each solve against f timed just before it), its own time
+    and torch operations per call of f, and its extra memory (peak of the solve minus that of
+    one call of f) at each of ``max_iters``, in MB and in states. Returns the report
+    ``python -m deqlib.bench solvers`` prints.
+    """
+    dev = pick_device(device)
+    f = calibrated_conv_map(batch, channels, size, tol, seed).to(dev)  # calibrated on the CPU
+    z0 = torch.zeros(batch, channels, size, size, device=dev)
+    z1 = z0 + 0.1  # made outside the timings and the memory block: its cost is not f's
+    f_time = median_time(lambda: f(z1), repeats=max(5, repeats))
+    f_peak = peak_memory(lambda: f(z1), dev)
+    state_bytes = z0.numel() * z0.element_size()
+    methods = sorted(METHODS)
+    first = {mth: solve(f, z0, method=mth, max_iter=max_iters[0], tol=tol) for mth in methods}
+    # Each solve is paired with a timing of f just before it, and the ratio is taken per pair:
+    # on a shared CPU the speed of f drifts by several percent between minutes. The methods
+    # take turns within each repeat, so a slow minute falls on all of them alike.
+    times: dict[str, list[float]] = {mth: [] for mth in methods}
+    ratios: dict[str, list[float]] = {mth: [] for mth in methods}
+    for _ in range(repeats):
+        for method in methods:
+            f_now = median_time(lambda: f(z1), repeats=5, warmup=0)
+            times[method].append(median_time(
+                lambda m=method: solve(f, z0, method=m, max_iter=max_iters[0], tol=tol), repeats=1, warmup=0))
+            ratios[method].append(times[method][-1] / (first[method].nfe * f_now))
+    rows = []
+    for method in methods:
+        res = first[method]
+        t, overhead = sorted(times[method])[repeats // 2], sorted(ratios[method])[repeats // 2]
+        own = own_time_per_call(f, z0, method, max_iters[0], tol)
+        ops = ops_per_call(f, z0, method, max_iters[0], tol)
+        mem = {}
+        for mi in max_iters:
+            peak = peak_memory(lambda m=method, n=mi: solve(f, z0, method=m, max_iter=n, tol=tol), dev)
+            mem[mi] = peak.nbytes - f_peak.nbytes
+        rows.append({
+            "method": method,
+            "nfe": res.nfe,
+            "status": res.status,
+            "max_rel_residual": float(res.rel_residual.max()),
+            "time_s": t,
+            "overhead": overhead,
+            "overhead_range": (min(ratios[method]), max(ratios[method])),  # the spread over the repeats
+            "own_ms_per_iter": own * 1e3,
+            "ops_per_iter": ops,
+            **{f"extra_mem_mb_max_iter_{mi}": mem[mi] / 2**20 for mi in max_iters},
+            **{f"extra_mem_states_max_iter_{mi}": mem[mi] / state_bytes for mi in max_iters},
+        })
+    return {
+        "problem": {"batch": batch, "channels": channels, "size": size, "tol": tol,
+                    "scale": f.scale, "f_time_ms": f_time * 1e3, "state_mb": state_bytes / 2**20},
+        "memory": f_peak.counted,
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
