@@ -49,16 +49,19 @@ class SolverSettings:
     tol: float = 1e-3
     stop_mode: str = "rel"
     options: Mapping[str, Any] = field(default_factory=dict)
+    check_every: int = 1
 
     def __post_init__(self) -> None:
         check_solver_args(self.max_iter, self.tol, self.stop_mode, 2.0)
         check_method_options(self.method, self.options)
+        check_int("check_every", self.check_every, 1)
 
     def replace(self, **changes: Any) -> "SolverSettings":
         return dataclasses.replace(self, **changes)
 
     def run(self, f: Callable[[Tensor], Tensor], z0: Tensor) -> SolverResult:
-        return solve(f, z0, self.method, self.max_iter, self.tol, self.stop_mode, **self.options)
+        return solve(f, z0, self.method, self.max_iter, self.tol, self.stop_mode, check_every=self.check_every,
+                     **self.options)
 
 
 def _structure(state: Any) -> str:

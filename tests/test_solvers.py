@@ -465,3 +465,30 @@ def test_a_growing_residual_stops_only_its_sample():
                 tol=1e-10, diverge_factor=100.0)
     assert res.diverged.tolist() == [False, True] and bool(res.converged[0])
     assert int(res.nfe_per_sample[1]) < 10 < int(res.nfe_per_sample[0])
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "broyden"])
+def test_checking_the_stop_every_k_calls_gives_the_same_iterates(method):
+    """check_every=k moves the per-sample bookkeeping onto the device and asks the host only
+    every k calls: the same iterates and per-sample NFE, the batch at most k - 1 calls longer."""
+    f, z0 = _per_sample_map([0.5, 0.9, 0.7, 0.95])
+    every1 = solve(f, z0, method, max_iter=300, tol=1e-9)
+    every4 = solve(f, z0, method, max_iter=300, tol=1e-9, check_every=4)
+    assert torch.equal(every4.z, every1.z) and torch.equal(every4.fz, every1.fz)
+    assert torch.equal(every4.nfe_per_sample, every1.nfe_per_sample)
+    assert every4.converged.tolist() == every1.converged.tolist() == [True] * 4
+    assert every1.nfe <= every4.nfe < every1.nfe + 4 and every4.nfe % 4 == 0
+    assert torch.equal(every4.rel_trace[: every1.nfe], every1.rel_trace)
+    # non-finite values: the same handling
+    bad = lambda z: torch.where(torch.arange(4).unsqueeze(1) == 1, torch.nan, f(z))  # noqa: E731
+    res = solve(bad, z0, method, max_iter=50, tol=1e-9, check_every=4)
+    assert res.diverged.tolist() == [False, True, False, False] and res.status == "diverged"
+
+
+def test_check_every_is_checked():
+    with pytest.raises(ValueError, match="check_every"):
+        solve(lambda z: z, torch.zeros(2, 3), check_every=0)
+    from deqlib import SolverSettings
+    with pytest.raises(ValueError, match="check_every"):
+        SolverSettings(check_every=2.0)
+    assert SolverSettings(check_every=3).run(lambda z: 0.5 * z + 1, torch.zeros(2, 3)).converged.all()

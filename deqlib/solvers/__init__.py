@@ -95,6 +95,7 @@ def solve(
     tol: float = 1e-3,
     stop_mode: str = "rel",
     diverge_factor: float = 1e6,
+    check_every: int = 1,
     **method_options,
 ) -> SolverResult:
     """Find ``z`` with ``f(z) = z`` for each sample of a batch.
@@ -108,6 +109,11 @@ def solve(
         stop_mode: ``"rel"`` (``||f(z)-z|| / ||f(z)||``) or ``"abs"`` (``||f(z)-z||``).
         diverge_factor: a sample stops as diverged when its absolute residual exceeds this
             multiple of its first one.
+        check_every: ask the device whether every sample has stopped only every this many
+            calls (1: after each call). The iterates and per-sample NFE do not change; the
+            batch may run up to ``check_every - 1`` calls more, with one host transfer per
+            ``check_every`` calls instead of one per call (a GPU's synchronization; see
+            :class:`ResidualTracker`).
         **method_options: the method's own options (``m``, ``beta``, ``lam`` for Anderson;
             ``window`` for Broyden; ``beta`` for fixed-point). Unknown ones are rejected.
 
@@ -118,6 +124,7 @@ def solve(
         shape with as many numbers would be taken sample by sample in the wrong order.
     """
     check_solver_args(max_iter, tol, stop_mode, diverge_factor)
+    check_int("check_every", check_every, 1)
     opts = check_method_options(method, method_options)
     if not callable(f):
         raise ValueError(f"f must be callable, got f={f!r}")
@@ -139,7 +146,7 @@ def solve(
             checked = True
         return out.reshape(B, -1)
 
-    tracker = ResidualTracker(int(max_iter), float(tol), stop_mode, float(diverge_factor))
+    tracker = ResidualTracker(int(max_iter), float(tol), stop_mode, float(diverge_factor), int(check_every))
     with POOL.lease() as empty:
         METHODS[method][0](f_flat, z0.reshape(B, -1), tracker, opts, empty)
     return tracker.result(shape)

@@ -15,6 +15,8 @@ from .products import FlatMap, combine, dots, mv, vdot, weights_like
 
 __all__ = ["BroydenOptions", "broyden"]
 
+_FIRST_ROWS = 24  # basis rows held at first: 21 updates, more than most solves take
+
 
 @dataclass(frozen=True)
 class BroydenOptions:
@@ -22,8 +24,10 @@ class BroydenOptions:
 
     The inverse Jacobian of ``g`` is approximated as ``-I + U V^T`` with at most ``window``
     rank-one terms; when they are used up the approximation restarts from ``-I`` (overwriting
-    the oldest term instead was seen to diverge on slowly contracting maps). Memory is
-    ``window + 3`` states whatever ``max_iter`` is.
+    the oldest term instead was seen to diverge on slowly contracting maps). Memory grows with
+    the iterations a solve actually takes, in doublings from 24 states, and stops at
+    ``window + 3`` states whatever ``max_iter`` is: a solve that converges in 15 calls holds 24
+    states however large the window.
     """
 
     window: int = 20
@@ -43,14 +47,14 @@ def broyden(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: BroydenOption
     two. The scalars of the update come from the float64 Gram matrix ``M = W W^T``, whose new
     row is exactly ``W g``.
 
-    Shapes: ``W (B, L+3, D)`` of which ``n`` rows are in use; ``M (B, L+3, L+3)``;
-    ``Cu, Cv (B, L, L+3)``; ``e (B, L+3)``.
+    Shapes: ``W (B, R, D)`` of which ``n`` rows are in use, ``R`` grown by doubling up to
+    ``L+3``; ``M (B, L+3, L+3)``; ``Cu, Cv (B, L, L+3)``; ``e (B, L+3)``.
     """
     B, D = z.shape
     L = min(opts.window, max(tracker.max_iter - 1, 1))
     cap = L + 3  # n <= k + 2, plus the row of the newest residual
     f64 = {"dtype": torch.float64, "device": z.device}
-    W = empty(B, cap, D, like=z)
+    W = empty(B, min(cap, _FIRST_ROWS), D, like=z)
     M = torch.zeros(B, cap, cap, **f64)
     Cu = torch.zeros(B, L, cap, **f64)  # rows past k stay zero
     Cv = torch.zeros(B, L, cap, **f64)
@@ -69,6 +73,10 @@ def broyden(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: BroydenOption
         # then describe a step it did not take, and only ever move it back there).
         z = tracker.hold(combine(weights_like(e[:, :n], z), W[:, :n], add=z))
         fz = f(z)
+        if n == W.shape[1]:  # the basis is full below the window: double it
+            grown = empty(B, min(cap, 2 * n), D, like=z)
+            grown[:, :n].copy_(W)
+            W = grown
         g = torch.sub(fz, z, out=W[:, n])  # the new residual is the next basis row
         if tracker.record(z, fz, g):
             return
