@@ -55,8 +55,9 @@ def resolve_libraries(requested: Sequence[str]) -> tuple[list[str], str]:
 
 def _deqlib_solver(f: Callable[[Tensor], Tensor], z0: Tensor, method: str, max_iter: int,
                    tol: float) -> Tensor:
-    # Default options: Anderson m=5, beta=1, lam=1e-4 relative to the Gram diagonal;
-    # Broyden window=20.
+    # Default options: Anderson m=5, beta=1, lam=1e-4 relative to the Gram diagonal, stalled samples
+    # restarted;
+    # Broyden window=100, its memory growing with the calls a solve takes.
     return solve(f, z0, method=method, max_iter=max_iter, tol=tol, stop_mode="rel").z
 
 
