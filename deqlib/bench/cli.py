@@ -70,7 +70,7 @@ def _print_solvers(report: dict) -> None:
     for r in report["rows"]:
         line = (f"{r['method']:<12}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
                 f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}"
-                f"{'%.3f-%.3f' % r['overhead_range']:>12}{r['own_ms_per_iter']:>11.1f}"
+                f"{'{:.3f}-{:.3f}'.format(*r['overhead_range']):>12}{r['own_ms_per_iter']:>11.1f}"
                 f"{r['ops_per_iter']:>8.1f}")
         line += "".join(f"{r['extra_mem_mb_max_iter_' + m]:>14.1f}" for m in mis)
         print(line)
