@@ -164,9 +164,10 @@ def nfe_to_tol(rel_trace: Tensor, tol: float) -> Tensor:
 
 
 def jacobian_at_equilibrium(z: Tensor, fz: Tensor, n_probes: int = 4, seed: int = 0,
-                            radius: bool = True) -> dict[str, Tensor]:
+                            radius: bool = True, n_iter: int = 300, n_vectors: int = 8) -> dict[str, Tensor]:
     """``jac_fro`` (``||J_f(z)||_F / sqrt(d)``, Hutchinson with ``n_probes`` probes) and, with
-    ``radius``, the spectral radius and its error estimate, each ``(B,)``.
+    ``radius``, the spectral radius and its error estimate, each ``(B,)`` (``n_iter`` and
+    ``n_vectors``: the subspace iteration's most steps and block size).
 
     ``z``, ``fz``: ``(B, D)``, ``z`` a leaf of ``fz``'s graph (``DEQStats.jacobian_inputs``) at
     the equilibrium of a fixed evaluation batch; probes and the starting block are seeded."""
@@ -175,7 +176,7 @@ def jacobian_at_equilibrium(z: Tensor, fz: Tensor, n_probes: int = 4, seed: int 
         fro2 = frobenius_sq_per_dim(z, fz, n_probes, create_graph=False, generator=gen).detach()
         out = {"jac_fro": fro2.clamp_min(0).sqrt()}
         if radius:
-            est = estimate_spectral_radius(z, fz, generator=gen)
+            est = estimate_spectral_radius(z, fz, n_iter=n_iter, n_vectors=n_vectors, generator=gen)
             out.update(spectral_radius=est.value.detach(), spectral_radius_error=est.error.detach())
     return out
 
