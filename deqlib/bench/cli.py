@@ -63,12 +63,12 @@ def _print_solvers(report: dict) -> None:
           f"one state {p['state_mb']:.1f} MB; {report['device']}, torch {report['torch']}")
     print(f"memory: {report['memory']}")
     mis = [k.rsplit("_", 1)[1] for k in report["rows"][0] if k.startswith("extra_mem_mb_")]
-    head = f"{'method':<12}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}{'(min-max)':>12}"
+    head = f"{'method':<12}{'check':>6}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}{'(min-max)':>12}"
     head += f"{'own ms/it':>11}{'ops/it':>8}"
     head += "".join(f"{'mem MB @' + m:>14}" for m in mis)
     print(head)
     for r in report["rows"]:
-        line = (f"{r['method']:<12}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
+        line = (f"{r['method']:<12}{r.get('check_every', 1):>6}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
                 f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}"
                 f"{'{:.3f}-{:.3f}'.format(*r['overhead_range']):>12}{r['own_ms_per_iter']:>11.1f}"
                 f"{r['ops_per_iter']:>8.1f}")
@@ -129,7 +129,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     after all of it. The profile's configuration is built here too, overrides and all, as the
     benchmark builds it."""
     try:
-        counts = {"solvers": ("batch", "channels", "size", "repeats"), "mdeq": ("batch", "steps"),
+        counts = {"solvers": ("batch", "channels", "size", "repeats", "check_every"), "mdeq": ("batch", "steps"),
                   "transformer": ("batch", "repeats"), "compare": ()}[args.bench]
         for name in counts:
             check_int(f"--{name}", getattr(args, name), 1)
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", type=int, default=32)
     s.add_argument("--tol", type=float, default=1e-3)
     s.add_argument("--repeats", type=int, default=9)
+    s.add_argument("--check-every", type=int, default=1,
+                   help="also run each method with its stop test on the device, asked every K calls")
     s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     s.add_argument("--json", help="also write the figures to this JSON file")
     m = sub.add_parser("mdeq", help="step time and peak memory of the CIFAR-10 MDEQ, without and with JR")
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_transformer(report)
     else:
         steady_malloc()
-        report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats, device=args.device)
+        report = bench_solvers(args.batch, args.channels, args.size, args.tol, args.repeats, device=args.device,
+                               check_every=args.check_every)
         _print_solvers(report)
     if args.json:
         with open(args.json, "w") as fh:

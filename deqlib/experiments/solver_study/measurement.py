@@ -179,7 +179,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def own_time_per_call(f: Callable[[Tensor], Tensor], z0: Tensor, method: str, max_iter: int, tol: float) -> float:
+def own_time_per_call(f: Callable[[Tensor], Tensor], z0: Tensor, method: str, max_iter: int, tol: float,
+                      check_every: int = 1) -> float:
     """Seconds per f call that one solve spends outside f: its own work, whatever the time
     of f happens to be in this process (f's page faults vary between runs). On a GPU each call
     is bracketed by synchronizations, so the solver's kernels are not counted as f's."""
@@ -194,11 +195,12 @@ def own_time_per_call(f: Callable[[Tensor], Tensor], z0: Tensor, method: str, ma
         return out
 
     t0 = time.perf_counter()
-    res = solve(timed_f, z0, method=method, max_iter=max_iter, tol=tol)
+    res = solve(timed_f, z0, method=method, max_iter=max_iter, tol=tol, check_every=check_every)
     return (time.perf_counter() - t0 - inside[0]) / res.nfe
 
 
-def ops_per_call(f: Callable[[Tensor], Tensor], z0: Tensor, method: str, max_iter: int, tol: float) -> float:
+def ops_per_call(f: Callable[[Tensor], Tensor], z0: Tensor, method: str, max_iter: int, tol: float,
+                 check_every: int = 1) -> float:
     """Torch operations per f call that one solve runs outside f (views not counted): on a
     GPU, where a small solve is bound by launches, the solver's kernels per iteration."""
     with OpCounter() as counter:
@@ -206,6 +208,6 @@ def ops_per_call(f: Callable[[Tensor], Tensor], z0: Tensor, method: str, max_ite
             with counter.paused():
                 return f(z)
 
-        res = solve(counted_f, z0, method=method, max_iter=max_iter, tol=tol)
+        res = solve(counted_f, z0, method=method, max_iter=max_iter, tol=tol, check_every=check_every)
     return counter.count / res.nfe
 
