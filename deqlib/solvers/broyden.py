@@ -54,17 +54,18 @@ def broyden(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: BroydenOption
     row is exactly ``W g``.
 
     Shapes: ``W (B, R, D)`` of which ``n`` rows are in use, ``R`` grown by doubling up to
-    ``L+3``; ``M (B, L+3, L+3)``; ``Cu, Cv (B, L, L+3)``; ``e (B, L+3)``.
+    ``L+3``; ``M (B, R, R)``; ``Cu, Cv (B, min(L, R), R)``; ``e (B, R)`` (grown with ``W``).
     """
     B, D = z.shape
     L = min(opts.window, max(tracker.max_iter - 1, 1))
     cap = L + 3  # n <= k + 2, plus the row of the newest residual
     f64 = {"dtype": torch.float64, "device": z.device}
-    W = empty(B, min(cap, _FIRST_ROWS), D, like=z)
-    M = torch.zeros(B, cap, cap, **f64)
-    Cu = torch.zeros(B, L, cap, **f64)  # rows past k stay zero
-    Cv = torch.zeros(B, L, cap, **f64)
-    e = torch.zeros(B, cap, **f64)
+    R = min(cap, _FIRST_ROWS)
+    W = empty(B, R, D, like=z)
+    M = torch.zeros(B, R, R, **f64)
+    Cu = torch.zeros(B, min(L, R), R, **f64)  # rows past k stay zero
+    Cv = torch.zeros(B, min(L, R), R, **f64)
+    e = torch.zeros(B, R, **f64)
     fz = f(z)
     g = torch.sub(fz, z, out=W[:, 0])
     if tracker.record(z, fz, g):
@@ -79,10 +80,13 @@ def broyden(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: BroydenOption
         # then describe a step it did not take, and only ever move it back there).
         z = tracker.hold(combine(weights_like(e[:, :n], z), W[:, :n], add=z))
         fz = f(z)
-        if n == W.shape[1]:  # the basis is full below the window: double it
-            grown = empty(B, min(cap, 2 * n), D, like=z)
+        if n == R:  # the basis is full below the window: double it, and its coefficients
+            R = min(cap, 2 * R)
+            grown = empty(B, R, D, like=z)
             grown[:, :n].copy_(W)
             W = grown
+            M, Cu, Cv, e = (_grown(M, (B, R, R)), _grown(Cu, (B, min(L, R), R)), _grown(Cv, (B, min(L, R), R)),
+                            _grown(e, (B, R)))
         g = torch.sub(fz, z, out=W[:, n])  # the new residual is the next basis row
         if tracker.record(z, fz, g):
             return
@@ -128,3 +132,10 @@ def broyden(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: BroydenOption
             e[:, 0] = torch.where(ok, -s * inv_d, 0.0)
             e[:, 2] = 1.0
             n, k = 3, 1
+
+
+def _grown(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``t`` copied into the corner of a zero tensor of the larger ``shape``."""
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
