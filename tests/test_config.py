@@ -116,11 +116,17 @@ def test_wikitext_paper_profile_is_table4():
     assert (t.jacobian.gamma, t.jacobian.gamma_end, t.jacobian.p) == (1.6, 2.5, 0.35)
     assert (m.d_model, m.n_head, m.d_head, m.tgt_len, m.mem_len, m.dropout) == (700, 10, 70, 150, 150, 0.06)
     assert (m.cutoffs, m.div_val, m.d_inner, m.n_layer) == ((20000, 40000, 200000), 4.0, 48000, 18)
-    assert cfg.eval.memory_batch == 15 and "pre_ln" in cfg.eval.arms and cfg.eval.max_tokens is None
+    assert cfg.eval.memory_batch == 15 and cfg.eval.max_tokens is None
     assert (cfg.data.folder, cfg.data.eval_file, cfg.data.download) == ("wikitext-103", "wiki.test.tokens", True)
+    # Table 1 / Table 5's rows: unregularized at 30 / 30 (and the reduced 20 / 20), Pre-LN + JR at
+    # 14 / 14, Post-LN + JR at Table 4's 12 / 12 with the official code's jitter of 0-2
+    assert set(cfg.arms) == {"post_ln", "post_ln_reduced", "pre_ln", "post_ln_jr", "pre_ln_jr", "explicit"}
+    assert [(cfg.threshold(a).forward, cfg.threshold(a).backward) for a in cfg.arms[:-1]] == [
+        (30, 30), (20, 20), (30, 30), (12, 12), (14, 14)]
+    assert cfg.threshold("post_ln_jr").jitter == 2 and cfg.threshold("post_ln").jitter == 0
     small = load_experiment(WikiTextExperiment, "wikitext", "small", params_path=ROOT / "params.yaml")
     assert (small.data.train_file, small.data.eval_file) == ("valid.txt", "test.txt")
-    assert {"post_ln", "post_ln_jr", "pre_ln_jr"} <= set(small.eval.arms)
+    assert set(small.arms) == set(cfg.arms) and len(small.seeds) >= 3
 
 
 @pytest.mark.parametrize(
@@ -318,7 +324,7 @@ def test_params_yaml_has_no_anchors_or_aliases():
     assert not aliases and not anchors, (anchors, aliases)
 
 
-_SEED_KEY = {"synthetic": ("train", "seed"), "cifar10": ("train", "seed"), "wikitext": ("train", "seed"),
+_SEED_KEY = {"synthetic": ("train", "seed"), "cifar10": ("train", "seed"), "wikitext": ("eval", "max_tokens"),
              "solvers": ("seed",)}
 
 

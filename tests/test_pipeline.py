@@ -29,13 +29,16 @@ PAPER_SMOKE = {
                 "transformer.mem_len": 8, "contract_steps": 30},
     # WikiText-103 (and its 267K vocabulary) is not here: the WikiText-2 slice stands in, and the
     # 98M-parameter model shrinks to what a CPU trains for 3 steps (cutoffs inside the slice's
-    # 13,777 words, an 18 -> 2 layer explicit stack, 2,000 evaluation tokens).
+    # 13,777 words, an 18 -> 2 layer explicit stack, 2,000 evaluation tokens), one seed, the
+    # monitor's subspace iteration cut short; the arms keep the paper's thresholds.
     "wikitext": {"train.max_steps": 3, "train.batch_size": 4, "train.pretrain_steps": 1,
                  "data.root": "../shared/data/wikitext-2", "data.folder": "", "data.train_file": "valid.txt",
                  "data.eval_file": "test.txt", "data.download": False,
                  "model.d_model": 32, "model.n_head": 2, "model.d_head": 16, "model.d_inner": 64,
                  "model.tgt_len": 16, "model.mem_len": 16, "model.cutoffs": [2000, 8000], "model.n_layer": 2,
-                 "eval.max_tokens": 2000, "eval.nfe_caps": [2, 4], "eval.batch_size": 4},
+                 "eval.max_tokens": 2000, "eval.nfe_caps": [2, 4], "eval.batch_size": 4, "eval.memory_batch": 2,
+                 "eval.monitor_every": 2, "eval.radius_iters": 10, "eval.radius_vectors": 2,
+                 "eval.plain_nfe_cap": 5, "seeds": [0]},
 }
 
 

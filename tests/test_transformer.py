@@ -9,7 +9,7 @@ import torch
 
 from deqlib.data.wikitext import LMStream
 from deqlib.deq import DEQ, SolverSettings
-from deqlib.experiments.wikitext import LMEvalConfig, activation_memory, evaluate, future_token_leak
+from deqlib.experiments.wikitext import LMEvalConfig, WikiTextExperiment, activation_memory, evaluate, future_token_leak
 from deqlib.jacobian import JacobianPenalty
 from deqlib.models.transformer import DEQTransformerLM, Memory, TransformerConfig
 from deqlib.nn import once_per_step
@@ -182,7 +182,7 @@ def test_cutoffs_must_fit_the_vocabulary():
     with pytest.raises(ValueError, match=r"cutoffs=\[10, 30\].*vocabulary size 30"):
         DEQTransformerLM(replace(SMALL, cutoffs=(10, 30)), V)
     with pytest.raises(ValueError, match="arms"):
-        LMEvalConfig(arms=("post_ln", "postln"))
+        WikiTextExperiment(arms=("post_ln", "postln"))
     with pytest.raises(ValueError, match="nfe_caps"):
         LMEvalConfig(nfe_caps=(0,))
 
@@ -300,3 +300,70 @@ def test_bench_transformer_runs_on_cpu_at_a_small_size():
     assert rows["deq"]["core_saved_bytes"] < rows["deq+jr"]["core_saved_bytes"]
     assert rows["deq"]["core_saved_bytes"] < rows["explicit"]["core_saved_bytes"]
     assert all(r["peak_bytes"] > 0 for r in rows.values()) and report["device"].startswith("CPU")
+
+
+def test_forward_jitter_lowers_the_training_threshold_by_a_seeded_draw():
+    """``forward_jitter=2``: each DEQ training step solves with 6, 5 or 4 calls at most (the
+    tolerance is out of reach), drawn from torch's global generator; evaluation (``run``) and
+    pretraining are not jittered, and the same seed draws the same thresholds."""
+    stream = _stream()
+
+    def nfes(seed):
+        torch.manual_seed(0)
+        m = DEQTransformerLM(SMALL, V, SolverSettings("anderson", 6, 1e-30), TIGHT, forward_jitter=2).double()
+        out = []
+        for i in range(12):
+            torch.manual_seed(seed * 100 + i)
+            out.append(m(stream.batch(0, i)).stats.forward.nfe)
+        return m, out
+
+    m, a = nfes(1)
+    assert set(a) == {4, 5, 6}
+    assert nfes(1)[1] == a and nfes(2)[1] != a
+    x, y = _tokens()
+    assert m.run(x, y).stats.forward.nfe == 6  # not at evaluation
+    assert m(stream.batch(0, 0), pretrain=True).stats is None  # pretraining stacks layers, no solve
+    with pytest.raises(ValueError, match="forward_jitter must be below the forward threshold 6"):
+        DEQTransformerLM(SMALL, V, SolverSettings("anderson", 6, 1e-3), forward_jitter=6)
+    with pytest.raises(ValueError, match="forward_jitter=-1"):
+        DEQTransformerLM(SMALL, V, forward_jitter=-1)
+
+
+def test_positional_embedding_dropout_is_one_mask_per_channel_held_for_the_step():
+    m = _model(replace(SMALL, dropout=0.5)).train()
+    x, _ = _tokens()
+    plain = m.context(m.inject(m.embed(x)), _memory())  # outside a step: fresh masks
+    torch.manual_seed(3)
+    with once_per_step(m):
+        u = m.inject(m.embed(x))
+        a, b = m.context(u, _memory()).pos, m.context(u, _memory()).pos
+    assert torch.equal(a, b)  # held for the whole step (every call of f sees the same)
+    m.eval()
+    clean = m.context(m.inject(m.embed(x)), _memory()).pos  # (K, d) sinusoids; row 1 has no zero entry
+    scale = torch.where(a[1] == 0, 0.0, 2.0).double()  # per channel: dropped, or kept and scaled by 1/(1-p)
+    torch.testing.assert_close(a, clean * scale)  # one mask per channel, the same at every position
+    assert (scale == 0).any() and (scale == 2).any()
+    assert plain.pos.shape == clean.shape
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_equilibrium_pair_is_f_at_a_leaf_at_the_equilibrium(explicit):
+    m = _model(explicit=explicit).eval()
+    x, _ = _tokens()
+    z, fz, stats = m.equilibrium_pair(x, _memory())
+    assert z.shape == fz.shape == (3, 5 * 16) and z.is_leaf and z.requires_grad and fz.requires_grad
+    with once_per_step(m):
+        ctx = m.context(m.inject(m.embed(x)), _memory())
+        torch.testing.assert_close(fz.detach(), m.layer(z.detach().view(3, 5, 16), ctx).reshape(3, -1))
+        if explicit:
+            assert stats is None
+            h = torch.zeros(3, 5, 16, dtype=torch.float64)
+            for _ in range(SMALL.n_layer):
+                h = m.layer(h, ctx)
+            torch.testing.assert_close(z.detach(), h.reshape(3, -1))
+        else:
+            assert stats.forward.rel_residual.max() < 1e-10  # at the fixed point: f(z) = z
+            torch.testing.assert_close(fz.detach(), z.detach(), rtol=0, atol=1e-9)
+    if explicit:  # solve=True: the explicit stack's layer is solved for its fixed point instead
+        z2, fz2, st = m.equilibrium_pair(x, _memory(), solve=True)
+        assert st is not None and st.forward.rel_residual.max() < 1e-10

@@ -18,7 +18,9 @@ official code the feed-forward's residual adds the *normalized* ``n``, so ``f`` 
 LayerNorms have no learned gain (as there). All projections of ``f`` are weight-normalized,
 dropout is variational (one mask per sample and channel, shared over positions and over every
 call of one solve); both are held fixed for a whole step by :func:`deqlib.nn.once_per_step`.
-Attention probabilities are not dropped (the release script's ``dropatt`` is 0.01).
+The positional embedding (the sinusoids the attention's position term reads) is dropped too, one
+mask per channel shared over positions, as the official code does. Attention probabilities are
+not dropped (the release script's ``dropatt`` is 0.01).
 
 The word embedding is adaptive (Baevski & Auli) and tied to torch's
 ``AdaptiveLogSoftmaxWithLoss``: the frequent words' vectors are the head's output rows, a rarer
@@ -248,6 +250,9 @@ class DEQTransformerLM(nn.Module):
     Args:
         cfg: sizes. n_token: vocabulary size. forward, backward: solver settings of the DEQ.
         explicit: True makes this the explicit baseline (always ``cfg.n_layer`` stacked ``f``).
+        forward_jitter: each training step through ``forward`` (not pretraining, not :meth:`run`)
+            lowers the forward threshold by a uniform draw from ``0..forward_jitter`` (torch's global
+            generator, seeded per step by the loop), as the official ``rand_f_thres_delta``; 0: no draw.
 
     Two ways in: :meth:`run` (tokens, targets, memory in; :class:`LMOutput` out) and, for
     :func:`deqlib.train.train`, ``forward(batch, pretrain)`` with ``batch = (inputs, targets,
@@ -257,7 +262,7 @@ class DEQTransformerLM(nn.Module):
     """
 
     def __init__(self, cfg: TransformerConfig, n_token: int, forward: SolverSettings | None = None,
-                 backward: SolverSettings | None = None, explicit: bool = False):
+                 backward: SolverSettings | None = None, explicit: bool = False, forward_jitter: int = 0):
         super().__init__()
         cfg.check_vocab(n_token)
         self.cfg, self.n_token, self.explicit = cfg, n_token, explicit
@@ -271,6 +276,12 @@ class DEQTransformerLM(nn.Module):
         self.deq = DEQ(self.layer, forward, backward, backward="implicit")
         self.drop_in = VariationalDropout(cfg.dropout, shared_dims=(1,))
         self.drop_out = VariationalDropout(cfg.dropout, shared_dims=(1,))
+        self.drop_pos = VariationalDropout(cfg.dropout, shared_dims=(0,))  # (K, d): one mask per channel
+        check_int("forward_jitter", forward_jitter, 0)
+        if forward_jitter >= self.deq.forward_solver.max_iter:
+            raise ValueError(f"forward_jitter must be below the forward threshold "
+                             f"{self.deq.forward_solver.max_iter}, got forward_jitter={forward_jitter}")
+        self.forward_jitter = int(forward_jitter)
         self._memory: Memory | None = None
         self._memory_at: tuple[int, int, int] | None = None  # (epoch, segment, rank) it came from
 
@@ -284,7 +295,7 @@ class DEQTransformerLM(nn.Module):
         j = torch.arange(K, device=u_new.device)[None, :]
         dist = M + i - j
         return Context(u=torch.cat([memory.u, u_new], dim=1), mem=memory.z,
-                       pos=_sinusoids(K, self.cfg.d_model, u_new.device, u_new.dtype),
+                       pos=self.drop_pos(_sinusoids(K, self.cfg.d_model, u_new.device, u_new.dtype)),
                        dist=dist.clamp(min=0), mask=dist < 0)
 
     def empty_memory(self, batch: int, like: Tensor) -> Memory:
@@ -325,13 +336,41 @@ class DEQTransformerLM(nn.Module):
         return LMOutput(loss=out.loss, logprob=out.output.view(B, L), memory=new_memory, stats=stats,
                         hidden=z)
 
+    def equilibrium_pair(self, inputs: Tensor, memory: Memory | None = None,
+                         forward_solver: SolverSettings | None = None,
+                         solve: bool | None = None) -> tuple[Tensor, Tensor, DEQStats | None]:
+        """``(z, f(z), stats)`` for Jacobian measurements of ``f`` on one segment: ``z (B, L*d)``
+        a leaf at the equilibrium (the explicit stack: its output after ``cfg.n_layer`` layers)
+        and ``f(z)`` computed from it with autograd, ``stats`` of the solve (None for the stack).
+        ``inputs (B, L)``; dropout as the module's mode says (call it in ``eval()``). ``solve``:
+        True solves the explicit stack's layer too (None: as the model is used)."""
+        B, L, d = *inputs.shape, self.cfg.d_model
+        with once_per_step(self):
+            with torch.no_grad():
+                ctx = self.context(self.inject(self.drop_in(self.embed(inputs))), memory)
+                z, stats = ctx.u.new_zeros(B, L, d), None
+                if not (not self.explicit if solve is None else solve):
+                    for _ in range(self.cfg.n_layer):
+                        z = self.layer(z, ctx)
+                else:
+                    z, stats = self.deq(ctx, z, forward_solver=forward_solver)
+                    z = stats.forward.z.view(B, L, d)  # the best iterate, not one step past it
+            z = z.reshape(B, L * d).detach().requires_grad_()
+            with torch.enable_grad():
+                fz = self.layer(z.view(B, L, d), ctx).reshape(B, L * d)
+        return z, fz, stats
+
     # --- training through deqlib.train: the memory is carried from step to step ---------------
     def forward(self, batch: tuple[Tensor, Tensor, Tensor], pretrain: bool = False) -> StepOutput:
         inputs, targets, position = batch
         at = tuple(int(v) for v in position.tolist())
         memory = self._recall(at, inputs)
         layers = self.cfg.pretrain_layers if pretrain and not self.explicit else None
-        out = self.run(inputs, targets, memory, layers=layers)
+        solver = None
+        if self.forward_jitter and layers is None and not self.explicit:
+            cut = int(torch.randint(0, self.forward_jitter + 1, ()))
+            solver = self.deq.forward_solver.replace(max_iter=self.deq.forward_solver.max_iter - cut)
+        out = self.run(inputs, targets, memory, layers=layers, forward_solver=solver)
         self._memory, self._memory_at = out.memory, at
         return StepOutput(loss=out.loss, stats=out.stats,
                           metrics={"mem_len": float(memory.z.shape[1]) if memory is not None else 0.0})
