@@ -6,7 +6,8 @@ allocator statistics, and agrees with ``torch.cuda.max_memory_allocated`` up to 
 rounding. :func:`peak_memory` is the one way a benchmark or an experiment measures the peak of
 a call: the allocator's own statistics on CUDA, ``PeakMemory`` elsewhere, with a line saying
 which. ``saved_tensor_bytes`` sums the bytes autograd saves for backward (activation
-memory), exactly and on any device. ``steady_malloc`` keeps glibc from handing freed blocks
+memory), exactly and on any device. :func:`step_memory` takes both of a training step in one
+run (and, on CUDA, the allocator's peak too). ``steady_malloc`` keeps glibc from handing freed blocks
 back to the OS between calls, which otherwise makes CPU timings of the same call swing ~2x.
 """
 
@@ -24,8 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["PeakMemory", "MemoryPeak", "peak_memory", "OpCounter", "saved_tensor_bytes", "median_time",
-           "steady_malloc"]
+__all__ = ["PeakMemory", "MemoryPeak", "peak_memory", "StepMemory", "step_memory", "OpCounter",
+           "saved_tensor_bytes", "median_time", "steady_malloc"]
 
 
 class PeakMemory(TorchDispatchMode):
@@ -104,6 +105,48 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str, count_existin
     return MemoryPeak(peak, "torch.cuda.max_memory_allocated above what was allocated before the call")
 
 
+class StepMemory(NamedTuple):
+    """The memory of one call (a training step), measured three ways in one run.
+
+    ``peak_live_bytes``: :class:`PeakMemory`'s peak of the live tensors made inside the call
+    (activations, temporaries, gradients made by its backward, a solver's buffers while a
+    solve holds them; not what existed before it, e.g. parameters and optimizer state), the
+    same figure on every device. ``saved_bytes``: the distinct storages autograd saved for
+    backward inside the call (activations and the weights the backward reads), exact on every
+    device. ``cuda_peak_bytes``: ``torch.cuda.max_memory_allocated`` during the call above what
+    was allocated before it, on CUDA only (None elsewhere).
+    """
+
+    peak_live_bytes: int
+    saved_bytes: int
+    cuda_peak_bytes: int | None = None
+
+
+def step_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> StepMemory:
+    """Run ``fn()`` once and return its :class:`StepMemory`. The saved-tensor hook only
+    records sizes and allocates nothing, so the peaks are those of ``fn`` alone."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with PeakMemory() as pm, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    cuda_peak = None
+    if cuda:
+        torch.cuda.synchronize(device)
+        cuda_peak = torch.cuda.max_memory_allocated(device) - base
+    return StepMemory(pm.peak, sum(seen.values()), cuda_peak)
+
+
 class OpCounter(TorchDispatchMode):
     """``with OpCounter() as oc: ...`` then ``oc.count`` is the number of torch operations run
     inside that compute something: views (which launch nothing on a GPU) are not counted.
@@ -118,7 +161,7 @@ class OpCounter(TorchDispatchMode):
         self.count = 0
         self._paused = 0
 
-    def paused(self) -> "_Pause":
+    def paused(self) -> _Pause:
         return _Pause(self)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -59,6 +59,7 @@ NOTEBOOKS = {
     "cifar10": "03_cifar10.py",
     "solvers": "07_solvers.py",
     "wikitext": "02_wikitext.py",
+    "memory": "05_memory.py",
 }
 # The config class each notebook builds with deqlib.config.load_experiment (module:class).
 CONFIGS = {
@@ -66,6 +67,7 @@ CONFIGS = {
     "cifar10": "deqlib.experiments.cifar:CifarExperiment",
     "solvers": "deqlib.experiments.solver_study:SolversExperiment",
     "wikitext": "deqlib.experiments.wikitext:WikiTextExperiment",
+    "memory": "deqlib.experiments.memory:MemoryExperiment",
 }
 STAGING = ".run.staging"  # inside the output folder: what the notebook writes until it finishes
 LOCK = ".run.lock"  # inside the output folder: one run at a time

@@ -15,6 +15,7 @@ import yaml
 from deqlib.config import (PROFILES, apply_overrides, build, load_experiment, load_params, load_yaml, parse_override,
                            to_dict, training_identity)
 from deqlib.experiments.cifar import CifarExperiment
+from deqlib.experiments.memory import MemoryExperiment
 from deqlib.experiments.solver_study import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
 from deqlib.experiments.wikitext import WikiTextExperiment
@@ -22,7 +23,7 @@ from deqlib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "solvers": SolversExperiment,
-               "wikitext": WikiTextExperiment}
+               "wikitext": WikiTextExperiment, "memory": MemoryExperiment}
 
 
 def test_default_profile_is_paper():
@@ -325,7 +326,7 @@ def test_params_yaml_has_no_anchors_or_aliases():
 
 
 _SEED_KEY = {"synthetic": ("train", "seed"), "cifar10": ("train", "seed"), "wikitext": ("eval", "max_tokens"),
-             "solvers": ("seed",)}
+             "solvers": ("seed",), "memory": ("seed",)}
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
