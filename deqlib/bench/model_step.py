@@ -2,8 +2,11 @@
 of a model, without and with the Jacobian penalty.
 
 The penalty is added as the training loop adds it, by :func:`deqlib.step.add_penalty`, on every
-timed step; peaks are measured by :func:`deqlib.measure.peak_memory`. Each arm is measured in a
-function of its own, so its model and optimizer are freed when the next arm starts.
+timed step. The Transformer's steps are built and measured by notebook 05's harness
+(:mod:`deqlib.experiments.memory.steps`, :func:`deqlib.measure.step_memory`); the MDEQ's, which
+take an optimizer step and mixed precision too, here, their peaks by
+:func:`deqlib.measure.peak_memory`. Each MDEQ arm is measured in a function of its own, so its
+model and optimizer are freed when the next arm starts.
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from torch import Tensor
 
 from ..config import load_experiment
 from ..experiments.cifar import CifarExperiment
-from ..experiments.wikitext import WikiTextExperiment, activation_memory
+from ..experiments.memory import TransformerSpec, TransformerSteps, measure_memory, time_rounds
+from ..experiments.wikitext import WikiTextExperiment
 from ..jacobian import JacobianPenalty
 from ..measure import median_time, peak_memory
 from ..models.mdeq import MDEQ
-from ..models.transformer import DEQTransformerLM, Memory, TransformerConfig
 from ..step import StepOutput, add_penalty
-from ..train import TrainConfig
 from .environment import CHECKOUT_PARAMS, device_name, pick_device
 
 __all__ = ["PRECISIONS", "bench_mdeq", "bench_transformer"]
@@ -105,63 +107,49 @@ def bench_transformer(profile: str = "paper", batch: int = 15, overrides: dict |
     Jacobian penalty, and of the explicit weight-tied stack of ``model.n_layer`` layers, at
     ``batch`` segments of ``tgt_len`` tokens with a full memory of ``mem_len`` positions.
 
-    A step is forward + loss (+ the penalty term, applied every step here) + backward; the
-    optimizer step is left out (the same for all). Tokens are random over ``vocab`` words (the
-    default is WikiText-103's 267,735), so no data set is needed. Memory: the bytes autograd
-    saves for backward (``saved``: all, ``core``: the layer(s) only) and the peak of a step
-    (:func:`deqlib.measure.peak_memory`: on CUDA the allocated bytes above what was allocated
-    before it, ``cuda_peak_bytes``; elsewhere the live tensors made during it, ``peak_bytes``).
+    The steps and their measurement are notebook 05's harness
+    (:mod:`deqlib.experiments.memory.steps`): forward + loss (+ the penalty term, drawn on
+    every step here) + backward; the optimizer step is left out (the same for all). Tokens are
+    random over ``vocab`` words (the default is WikiText-103's 267,735), so no data set is
+    needed. Memory: the bytes autograd saves for backward (``saved``: the whole step; ``core``:
+    the layer step, the layer(s) and solvers alone, the paper's "excluding embeddings") and the
+    peak of the whole step: on CUDA the allocated bytes above what was allocated before it,
+    ``cuda_peak_bytes``; on every device the live tensors made during it, ``peak_bytes``.
     """
     exp = load_experiment(WikiTextExperiment, "wikitext", profile, overrides or {},
                           params_path or CHECKOUT_PARAMS)
     cfg, tcfg = replace(exp.model, pre_ln=False), exp.train
     cfg.check_vocab(vocab)
     device = pick_device()
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (batch, cfg.tgt_len + 1), generator=g).to(device)
-    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    spec = TransformerSpec(batch=batch, d_model=cfg.d_model, n_head=cfg.n_head, d_head=cfg.d_head,
+                           d_inner=cfg.d_inner, tgt_len=cfg.tgt_len, mem_len=cfg.mem_len, vocab=vocab,
+                           cutoffs=cfg.cutoffs, div_val=cfg.div_val, dropout=cfg.dropout, init_std=cfg.init_std,
+                           forward=tcfg.forward, backward=tcfg.backward, jacobian=replace(tcfg.jacobian, p=1.0),
+                           depth=cfg.n_layer)
+    steps = TransformerSteps(spec, seed, device)
+    arms = {"deq": ("implicit", tcfg.forward.max_iter, None), "deq+jr": ("implicit", tcfg.forward.max_iter,
+                                                                          spec.jacobian),
+            "explicit": ("tied", cfg.n_layer, None)}
+    fns = {name: steps.step(method, k, penalty=penalty) for name, (method, k, penalty) in arms.items()}
+    seconds = {name: sorted(ts)[len(ts) // 2] for name, ts in time_rounds(fns, repeats, device).items()}
     rows, counted = [], ""
-    for name, explicit, penalty in (("deq", False, None), ("deq+jr", False, replace(tcfg.jacobian, p=1.0)),
-                                    ("explicit", True, None)):
-        row, counted = _transformer_arm(cfg, tcfg, vocab, explicit, penalty, inputs, targets, g, repeats, seed)
-        rows.append({"model": name, **row})
-    base_time = next(r["step_s"] for r in rows if r["model"] == "explicit")
+    for name, (method, k, penalty) in arms.items():
+        whole = measure_memory(fns[name], device)
+        core = measure_memory(steps.step(method, k, penalty=penalty, core=True), device)
+        row = {"model": name, "layers": cfg.n_layer if method == "tied" else None, "step_s": seconds[name],
+               "fwd_nfe": whole["fwd_nfe"], "bwd_nfe": whole["bwd_nfe"], "saved_bytes": whole["saved_bytes"],
+               "core_saved_bytes": core["saved_bytes"], "peak_bytes": whole["peak_live_bytes"]}
+        if whole["cuda_peak_bytes"] is not None:
+            row["cuda_peak_bytes"] = whole["cuda_peak_bytes"]
+            counted = "torch.cuda.max_memory_allocated above what was allocated before the step"
+        else:
+            counted = ("deqlib.measure.PeakMemory: live tensor bytes made inside the step (parameters and "
+                       "optimizer state, made before it, not included)")
+        rows.append(row)
     for r in rows:
-        r["time_vs_explicit"] = r["step_s"] / base_time
+        r["time_vs_explicit"] = r["step_s"] / seconds["explicit"]
     return {"profile": profile, "overrides": dict(overrides or {}), "batch": batch, "tgt_len": cfg.tgt_len,
             "mem_len": cfg.mem_len, "d_model": cfg.d_model, "d_inner": cfg.d_inner, "vocab": vocab,
             "forward": f"{tcfg.forward.method} {tcfg.forward.max_iter}",
             "backward": f"{tcfg.backward.method} {tcfg.backward.max_iter}",
             "device": device_name(device), "memory": counted, "torch": torch.__version__, "rows": rows}
-
-
-def _transformer_arm(cfg: TransformerConfig, tcfg: TrainConfig, vocab: int, explicit: bool,
-                     penalty: JacobianPenalty | None, inputs: Tensor, targets: Tensor, generator: torch.Generator,
-                     repeats: int, seed: int) -> tuple[dict, str]:
-    """One arm of :func:`bench_transformer` on tokens ``inputs, targets (B, L)``: (its row, what
-    its peak counts). ``generator`` draws the memory states, arm after arm."""
-    device, batch = inputs.device, inputs.shape[0]
-    torch.manual_seed(seed)
-    model = DEQTransformerLM(cfg, vocab, tcfg.forward, tcfg.backward, explicit=explicit).to(device).train()
-    memory = None
-    if cfg.mem_len:
-        memory = Memory(torch.randn(batch, cfg.mem_len, cfg.d_model, generator=generator).to(device),
-                        torch.zeros(batch, cfg.mem_len, 3 * cfg.n_head * cfg.d_head, device=device))
-    nfe = {}
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        out = model.run(inputs, targets, memory)
-        _loss(out, penalty).backward()
-        if out.stats is not None:
-            nfe["forward"], nfe["backward"] = out.stats.forward.nfe, out.stats.backward.nfe
-
-    seconds = median_time(step, repeats=repeats, warmup=1)
-    row = {"layers": cfg.n_layer if explicit else None, "step_s": seconds,
-           "fwd_nfe": nfe.get("forward"), "bwd_nfe": nfe.get("backward")}
-    saved = activation_memory(model, inputs, targets, penalty)
-    row["saved_bytes"], row["core_saved_bytes"] = saved["total"], saved["core"]
-    model.zero_grad(set_to_none=True)
-    peak = peak_memory(step, device)
-    row["cuda_peak_bytes" if device.type == "cuda" else "peak_bytes"] = peak.nbytes
-    return row, peak.counted
