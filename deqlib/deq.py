@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from .solvers import ResidualTracker, SolverResult, check_method_options, check_
 
 __all__ = ["SolverSettings", "DEQStats", "DEQ", "StatePacker", "BACKWARD_MODES"]
 
-State = Union[Tensor, Sequence[Tensor]]
+State = Tensor | Sequence[Tensor]
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 
 
@@ -56,7 +56,7 @@ class SolverSettings:
         check_method_options(self.method, self.options)
         check_int("check_every", self.check_every, 1)
 
-    def replace(self, **changes: Any) -> "SolverSettings":
+    def replace(self, **changes: Any) -> SolverSettings:
         return dataclasses.replace(self, **changes)
 
     def run(self, f: Callable[[Tensor], Tensor], z0: Tensor) -> SolverResult:

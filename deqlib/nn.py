@@ -20,7 +20,7 @@ is ordinary (correct, slower) behaviour for non-equilibrium use.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

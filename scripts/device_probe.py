@@ -4,7 +4,9 @@ problem in full precision. Run from the repository root on a CUDA machine:
 
     PYTHONPATH=$PWD python scripts/device_probe.py
 """
-import sys, time, torch
+import sys
+import time
+import torch
 from torch.profiler import profile, ProfilerActivity
 from deqlib.solvers import solve
 from deqlib.config import load_experiment
@@ -22,13 +24,16 @@ for m in ["fixed_point", "anderson", "broyden"]:
     ev = prof.key_averages()
     kern = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = sum(e.count for e in ev if "Synchronize" in e.key or "cudaMemcpy" in e.key and "Async" not in e.key)
-    print(f"{m}: NFE {r.nfe}, CUDA kernels {kern} ({kern / r.nfe:.1f} per iteration, f included), sync-type calls {syncs}")
+    print(f"{m}: NFE {r.nfe}, CUDA kernels {kern} ({kern / r.nfe:.1f} per iteration, f included), "
+          f"sync-type calls {syncs}")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
     sys.stdout.flush()
 # 2. Broyden window on the paper-width MDEQ hard problem, full precision
 torch.backends.cudnn.allow_tf32 = False
 exp = load_experiment(SolversExperiment, "solvers", "paper", {}, "params.yaml")
-t = time.time(); p = build_problem("mdeq_hard", exp); print(f"mdeq_hard built in {time.time()-t:.0f}s, t={p.scale:.6f}")
+t = time.time()
+p = build_problem("mdeq_hard", exp)
+print(f"mdeq_hard built in {time.time()-t:.0f}s, t={p.scale:.6f}")
 for w in [20, 40, 80, 200]:
     r = solve(p.f, p.z0, method="broyden", max_iter=200, tol=1e-3, window=w)
     print(f"broyden window {w}: forward NFE {r.nfe} {r.status} residual {float(r.rel_residual.max()):.2e}")

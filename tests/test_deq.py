@@ -393,7 +393,8 @@ def test_phantom_second_derivative_is_that_of_its_steps_from_a_fixed_z_star():
     (lambda z: z.reshape(4, 2, 3), torch.zeros(4, 3, 2), r"a tensor \(4, 2, 3\)"),
     (lambda z: [z], torch.zeros(4, 3, 2), r"a list of \[\(4, 3, 2\)\]"),
     (lambda z: z[1], [torch.zeros(2, 3), torch.zeros(2, 4)], r"a tensor \(2, 4\)"),
-    (lambda z: [z[0], z[1], z[1]], [torch.zeros(2, 3), torch.zeros(2, 4)], r"a list of \[\(2, 3\), \(2, 4\), \(2, 4\)\]"),
+    (lambda z: [z[0], z[1], z[1]], [torch.zeros(2, 3), torch.zeros(2, 4)],
+     r"a list of \[\(2, 3\), \(2, 4\), \(2, 4\)\]"),
     (lambda z: [z[1], z[0]], [torch.zeros(2, 3), torch.zeros(2, 4)], r"a list of \[\(2, 4\), \(2, 3\)\]"),
 ], ids=["transposed", "list_for_tensor", "tensor_for_list", "one_more", "swapped"])
 def test_an_output_of_f_shaped_unlike_the_state_is_named(backward, out, z0, said):

@@ -13,7 +13,8 @@ def _pair(seed=0, batch=3, dim=16, scale=0.9):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(dim, dim, generator=g, dtype=torch.float64) * scale / math.sqrt(dim)
     x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
-    f = lambda z: torch.tanh(z @ W.T + x)
+    def f(z):
+        return torch.tanh(z @ W.T + x)
     z = torch.randn(batch, dim, generator=g, dtype=torch.float64).requires_grad_()
     exact = torch.stack([torch.autograd.functional.jacobian(
         lambda v, b=b: torch.tanh(v @ W.T + x[b]), z[b].detach()) for b in range(batch)])  # (B, D, D)

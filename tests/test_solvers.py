@@ -438,7 +438,8 @@ def test_each_sample_stops_on_its_own(method):
     torch.testing.assert_close(batch.z[:1], alone.z, rtol=0, atol=1e-12)
     # the easy sample stopped early and stayed put; the solve went on for the others
     assert int(batch.nfe_per_sample[0]) < batch.nfe
-    assert bool((batch.rel_trace[int(batch.nfe_per_sample[0]):, 0] == batch.rel_trace[int(batch.best_step[0]), 0]).all())
+    stopped_at, best = int(batch.nfe_per_sample[0]), int(batch.best_step[0])
+    assert bool((batch.rel_trace[stopped_at:, 0] == batch.rel_trace[best, 0]).all())
 
 
 @pytest.mark.parametrize("method", ["fixed_point", "anderson", "broyden"])

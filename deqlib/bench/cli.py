@@ -63,12 +63,14 @@ def _print_solvers(report: dict) -> None:
           f"one state {p['state_mb']:.1f} MB; {report['device']}, torch {report['torch']}")
     print(f"memory: {report['memory']}")
     mis = [k.rsplit("_", 1)[1] for k in report["rows"][0] if k.startswith("extra_mem_mb_")]
-    head = f"{'method':<12}{'check':>6}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}{'(min-max)':>12}"
+    head = (f"{'method':<12}{'check':>6}{'NFE':>5}{'status':>11}{'rel res':>10}{'time s':>9}{'overhead':>10}"
+            f"{'(min-max)':>12}")
     head += f"{'own ms/it':>11}{'ops/it':>8}"
     head += "".join(f"{'mem MB @' + m:>14}" for m in mis)
     print(head)
     for r in report["rows"]:
-        line = (f"{r['method']:<12}{r.get('check_every', 1):>6}{r['nfe']:>5}{r['status']:>11}{r['max_rel_residual']:>10.2e}"
+        line = (f"{r['method']:<12}{r.get('check_every', 1):>6}{r['nfe']:>5}{r['status']:>11}"
+                f"{r['max_rel_residual']:>10.2e}"
                 f"{r['time_s']:>9.3f}{r['overhead']:>10.3f}"
                 f"{'{:.3f}-{:.3f}'.format(*r['overhead_range']):>12}{r['own_ms_per_iter']:>11.1f}"
                 f"{r['ops_per_iter']:>8.1f}")

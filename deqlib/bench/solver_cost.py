@@ -60,7 +60,8 @@ def bench_solvers(
         ops = ops_per_call(f, z0, name, max_iters[0], tol, check_every=k)
         mem = {}
         for mi in max_iters:
-            peak = peak_memory(lambda n=mi: solve(f, z0, method=name, max_iter=n, tol=tol, check_every=k), dev)
+            peak = peak_memory(lambda n=mi, m=name, c=k: solve(f, z0, method=m, max_iter=n, tol=tol, check_every=c),
+                               dev)
             mem[mi] = peak.nbytes - f_peak.nbytes
         rows.append({
             "method": name,

@@ -105,7 +105,7 @@ class Vocabulary:
         self.index = {w: i for i, w in enumerate(self.words)}
 
     @classmethod
-    def build(cls, lines: Iterable[list[str]]) -> "Vocabulary":
+    def build(cls, lines: Iterable[list[str]]) -> Vocabulary:
         counts = Counter()
         for tokens in lines:
             counts.update(tokens)
@@ -134,7 +134,9 @@ class Vocabulary:
                                            "is not a word of it")
                     i, n_unknown = unk_id, n_unknown + 1
                 ids.append(i)
-        return torch.frombuffer(ids, dtype=torch.int64).clone() if len(ids) else torch.zeros(0, dtype=torch.int64), n_unknown
+        if not len(ids):
+            return torch.zeros(0, dtype=torch.int64), n_unknown
+        return torch.frombuffer(ids, dtype=torch.int64).clone(), n_unknown
 
 
 def batchify(tokens: Tensor, n_batch: int) -> Tensor:

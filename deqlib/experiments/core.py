@@ -43,7 +43,8 @@ from ..jacobian import estimate_spectral_radius, frobenius_sq_per_dim
 from ..stats import PairedTest, mean_se, mcnemar, paired_t
 from ..train import checkpoint_files
 
-__all__ = ["ArmResult", "RUN_DIR_ENV", "pipeline_run_dir", "remove_pipeline_checkpoints", "run_arms", "capped", "nfe_to_tol",
+__all__ = ["ArmResult", "RUN_DIR_ENV", "pipeline_run_dir", "remove_pipeline_checkpoints", "run_arms", "capped",
+           "nfe_to_tol",
            "jacobian_at_equilibrium", "mean_step_time", "equilibrium_mean", "summarize", "compare",
            "by_arm", "RunArm"]
 

@@ -379,11 +379,11 @@ class DEQTransformerLM(nn.Module):
         epoch, i, rank = at
         if i == 0 or self._memory is None:
             if i > 0:
-                warnings.warn(f"no memory for segment {i} of epoch {epoch} (rank {rank}); starting empty")
+                warnings.warn(f"no memory for segment {i} of epoch {epoch} (rank {rank}); starting empty", stacklevel=2)
             return None
         if self._memory_at != (epoch, i - 1, rank) or self._memory.z.shape[0] != inputs.shape[0]:
             warnings.warn(f"the memory held is from {self._memory_at}, not the segment before "
-                          f"{at}; starting empty")
+                          f"{at}; starting empty", stacklevel=2)
             return None
         return Memory(*(t.to(inputs.device) for t in self._memory))
 

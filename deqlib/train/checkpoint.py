@@ -112,7 +112,7 @@ def load_rank_state(model: nn.Module, path: Path, step: int, world: int) -> None
     if state is None or state["step"] != step or state["world"] != world:
         found = "none" if state is None else f"step {state['step']} of a {state['world']}-process run"
         warnings.warn(f"no per-process state for step {step} of this {world}-process run at {path} "
-                      f"(found {found}); this process resumes with the main process's")
+                      f"(found {found}); this process resumes with the main process's", stacklevel=2)
         return
     model.load_state_dict(state["extra"], strict=False)  # only these keys: set_extra_state
 

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: trains a tiny
 DEQ-Transformer LM (whose segment memory differs per process) once without a break and once
-stopped after ``STOP`` steps and resumed, with the training loop's own accelerator, and writes to ``<out>/lm_rank<r>.json`` whether the
-two runs agree bit for bit on this rank, and the warnings it saw."""
+stopped after ``STOP`` steps and resumed, with the training loop's own accelerator, and writes to
+``<out>/lm_rank<r>.json`` whether the two runs agree bit for bit on this rank, and the warnings it saw."""
 
 import json
 import sys
