@@ -92,8 +92,9 @@ def test_synthetic_paper_profile_is_table4():
     assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.schedule) == (50, 64, "adam", 1e-3, "cosine")
     assert (t.forward.max_iter, t.backward.max_iter, t.forward.tol, t.backward.tol) == (6, 6, 1e-3, 1e-4)
     assert (t.jacobian.p, t.jacobian.n_probes) == (0.4, 1)
-    assert cfg.eval.gammas == (0.0, 1.0, 2.0, 4.0)
-    assert (cfg.data.n_train, cfg.data.n_valid, cfg.model.hidden) == (4096, 1000, 50)
+    assert cfg.arms.gammas == (0.0, 1.0, 2.0, 4.0) and len(cfg.seeds) >= 3
+    assert (cfg.data.n_train, cfg.data.n_valid, cfg.model.hidden, cfg.model.init_std) == (4096, 1000, 50, 0.01)
+    assert cfg.data.targets == "raw"  # the supplement's reading; the small profile documents its own
 
 
 def test_cifar10_paper_profile_is_table4():
@@ -140,10 +141,10 @@ def test_wikitext_paper_profile_is_table4():
         ({"train": {"jacobian": {"p": 1.5}}}, r"x.train.jacobian.*p=1.5"),
         ({"train": {"forward": {"tol": 0}}}, r"tol=0"),
         ({"data": {"noise_var": -1}}, r"noise_var=-1"),
-        ({"eval": {"gammas": [-1.0]}}, r"gammas"),
-        # The arms' gammas are eval.gammas: a weight in train.jacobian would be replaced unseen.
-        ({"train": {"jacobian": {"gamma": 0.5}}}, r"gamma=0.5.*eval.gammas"),
-        ({"train": {"jacobian": {"gamma_end": 2.0}}}, r"gamma_end=2.0.*eval.gammas"),
+        ({"arms": {"gammas": [-1.0]}}, r"gammas"),
+        # The arms' gammas are arms.gammas: a weight in train.jacobian would be replaced unseen.
+        ({"train": {"jacobian": {"gamma": 0.5}}}, r"gamma=0.5.*arms.gammas"),
+        ({"train": {"jacobian": {"gamma_end": 2.0}}}, r"gamma_end=2.0.*arms.gammas"),
         ({"model": {"hidden": 0}}, r"hidden=0"),
         # A section given as a plain value fails here, not at its first use inside a run.
         ({"train": {"forward": "anderson"}}, r"x.train.forward must be a section.*'anderson'"),
@@ -177,7 +178,7 @@ def test_a_checkpoint_identity_leaves_out_only_the_evaluation_settings():
     """Changing how a trained arm is measured must not discard its training (the identity
     decides whether a checkpoint is resumed from); anything that changes training must."""
     base = build(SyntheticExperiment, {})
-    evaluated = build(SyntheticExperiment, {"eval": {"nfe_cap": 50, "gammas": [0.0, 3.0]}})
+    evaluated = build(SyntheticExperiment, {"eval": {"nfe_cap": 50, "plain_cap": 30}})
     trained = build(SyntheticExperiment, {"train": {"lr": 0.01}})
     resampled = build(SyntheticExperiment, {"data": {"seed": 1}})
     assert training_identity(evaluated) == training_identity(base)
@@ -259,12 +260,12 @@ def test_every_key_refuses_a_wrong_value_naming_the_key(experiment, key, value):
     ("eval.method", "newton", r"method must be one of \['anderson', 'broyden', 'fixed_point'\], got method='newton'"),
     ("eval.tol", math.inf, r"tol must be a finite number in \(0, 1\), got tol=inf"),
     ("eval.tol", 1.5, r"tol must be .*, got tol=1.5"),  # a relative residual: 1 or more is every iterate
-    ("eval.grid", 100_000, r"grid must be an integer in \[2, 1000\], got grid=100000"),
+    ("eval.plain_cap", 1, r"plain_cap must be an integer >= 2, got plain_cap=1"),
     ("eval.nfe_cap", 2.0, r"nfe_cap must be an integer >= 2, got nfe_cap=2.0"),
 ])
 def test_synthetic_eval_keys_are_checked_before_any_arm_trains(key, value, message):
-    """Each was found only after an arm had trained (method, tol) or after all four (grid, when
-    the surfaces are drawn)."""
+    """Each was found only after an arm had trained (method, tol); a bad budget for the plain
+    iteration measured after training would cost every arm."""
     with pytest.raises(ValueError, match=r"in synthetic\.small\.eval: " + message):
         load_experiment(SyntheticExperiment, "synthetic", "small", {key: value}, params_path=ROOT / "params.yaml")
 
@@ -325,7 +326,7 @@ def test_params_yaml_has_no_anchors_or_aliases():
     assert not aliases and not anchors, (anchors, aliases)
 
 
-_SEED_KEY = {"synthetic": ("train", "seed"), "cifar10": ("train", "seed"), "wikitext": ("eval", "max_tokens"),
+_SEED_KEY = {"synthetic": ("data", "seed"), "cifar10": ("train", "seed"), "wikitext": ("eval", "max_tokens"),
              "solvers": ("seed",), "memory": ("seed",)}
 
 

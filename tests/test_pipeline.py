@@ -17,7 +17,8 @@ from pipelines.run import NOTEBOOKS, absolute_data_env, run
 
 # A step limit and tiny data per experiment: enough to start, train and write every output.
 PAPER_SMOKE = {
-    "synthetic": {"train.max_steps": 3, "data.n_train": 256, "data.n_valid": 64, "eval.nfe_cap": 20},
+    "synthetic": {"train.max_steps": 3, "data.n_train": 256, "data.n_valid": 64, "eval.nfe_cap": 20,
+                  "eval.plain_cap": 50},
     "cifar10": {"data.root": "../shared/data/cifar-10-subset", "data.download": False, "data.n_test": 8,
                 "train.max_steps": 2, "train.batch_size": 4, "eval.batch_size": 8, "eval.nfe": [1, 2],
                 "eval.nfe_cap": 4},
