@@ -22,10 +22,12 @@ from PIL import Image
 
 from deqlib.data.imagenet import (
     ILSVRC_MD5,
+    EvalTransform,
     ImageDataset,
     ImageNetBatches,
     ImageNetDataConfig,
     ImageNetEval,
+    TrainTransform,
     center_crop_box,
     eval_transform,
     load_imagenet,
@@ -39,7 +41,6 @@ from deqlib.data.imagenet import (
     scan_image_folder,
     train_transform,
 )
-from deqlib.data.imagenet import _Eval, _Train  # the transforms the batches use
 from deqlib.data.matv5 import read_mat
 from conftest import ROOT, skip_without_slice
 
@@ -314,7 +315,8 @@ def tiny(tmp_path_factory):
 
 def _train(tiny, workers, batch=4, seed=3):
     split = scan_image_folder(tiny / "train")
-    return ImageNetBatches(ImageDataset(split, split.labels, _Train(8, (0.3, 1.0), True, seed)), batch, seed, workers)
+    dataset = ImageDataset(split, split.labels, TrainTransform(8, (0.3, 1.0), True, seed))
+    return ImageNetBatches(dataset, batch, seed, workers)
 
 
 def test_batches_do_not_depend_on_workers_or_processes(tiny):
@@ -353,7 +355,7 @@ def test_an_epoch_is_a_permutation_and_epochs_differ(tiny):
 
 def test_eval_batches_from_workers_follow_the_stride(tiny):
     split = scan_image_folder(tiny / "val")
-    ds = ImageDataset(split, split.labels, _Eval(9, 8))
+    ds = ImageDataset(split, split.labels, EvalTransform(9, 8))
     whole = torch.stack([normalize(ds[i][0][None])[0] for i in range(9)])
     ev = ImageNetEval(ds, workers=2)
     try:
@@ -369,7 +371,7 @@ def test_eval_batches_from_workers_follow_the_stride(tiny):
 
 def test_eval_batches_prefetch_along_a_stride(tiny):
     split = scan_image_folder(tiny / "val")
-    ds = ImageDataset(split, split.labels, _Eval(9, 8))
+    ds = ImageDataset(split, split.labels, EvalTransform(9, 8))
     whole = torch.stack([normalize(ds[i][0][None])[0] for i in range(9)])
     ev = ImageNetEval(ds, workers=0)
     for start in (0, 4, 8):  # process 0 of 2, batches of 2: 0, 2, 4 -> items 0, 4, 8
@@ -389,8 +391,8 @@ def test_preload_serves_the_same_interface_from_memory(tiny):
     with Image.open(split.path(1)) as im:
         ref = eval_transform(im.convert("RGB"), 12, 12)
     assert (images[1].int() - ref.int()).abs().max() <= 8  # draft decoding differs a little
-    assert torch.equal(ImageDataset(images, split.labels, _Eval(12, 12))[3][0], images[3])  # served as stored
-    b = ImageNetBatches(ImageDataset(images, split.labels, _Train(8, (0.5, 1.0), True, 0)), 4, 0, 0)
+    assert torch.equal(ImageDataset(images, split.labels, EvalTransform(12, 12))[3][0], images[3])  # served as stored
+    b = ImageNetBatches(ImageDataset(images, split.labels, TrainTransform(8, (0.5, 1.0), True, 0)), 4, 0, 0)
     x, y = b.batch(0, 0)
     assert x.shape == (4, 3, 8, 8)
     data = load_imagenet(_cfg(tiny, preload=True, preload_size=12, train_size=10, eval_resize=12, eval_size=10))

@@ -1,7 +1,7 @@
-"""``python -m deqlib.data.imagenet prepare|throughput ...`` (see :func:`deqlib.data.imagenet.main`)."""
+"""``python -m deqlib.data.imagenet prepare|throughput ...`` (see :func:`deqlib.data.imagenet.throughput.main`)."""
 
 import sys
 
-from . import main
+from .throughput import main
 
 sys.exit(main())
