@@ -211,6 +211,8 @@ def test_bad_arguments_raise_naming_them(kwargs, name):
     ([[0.0, 1.0]], r"z0 must be a tensor of shape \(B, \.\.\.\), got z0=\[\[0.0, 1.0\]\]"),
     (torch.zeros(()), r"z0 must be a tensor of shape \(B, \.\.\.\), got z0 of shape \(\)"),
     (torch.zeros(0, 3), r"z0 .* got z0 of shape \(0, 3\)"),
+    (torch.zeros(2, 3, dtype=torch.int64), r"z0 must be a floating-point tensor, got z0 of dtype torch.int64"),
+    (torch.zeros(2, 3, dtype=torch.bool), r"z0 must be a floating-point tensor, got z0 of dtype torch.bool"),
 ])
 def test_a_bad_start_is_refused_naming_it(z0, message):
     calls = []

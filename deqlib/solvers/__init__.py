@@ -132,6 +132,10 @@ def solve(
         raise ValueError(f"z0 must be a tensor of shape (B, ...), got z0={z0!r}")
     if z0.dim() < 1 or z0.shape[0] < 1:
         raise ValueError(f"z0 must be a tensor of shape (B, ...), got z0 of shape {tuple(z0.shape)}")
+    if not (z0.is_floating_point() or z0.is_complex()):
+        # An integer start would be rounded by every update, and a bool one fails deep inside
+        # the method with a message that names neither z0 nor its dtype.
+        raise ValueError(f"z0 must be a floating-point tensor, got z0 of dtype {z0.dtype}")
     shape = z0.shape
     B = shape[0]
     checked = False
