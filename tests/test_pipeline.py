@@ -27,7 +27,16 @@ PAPER_SMOKE = {
                 "mdeq.batch": 2, "mdeq.channels": [16, 32], "mdeq.expansion": 2, "mdeq.image_size": 16,
                 "mdeq.downsample": 1, "transformer.batch": 2, "transformer.d_model": 32, "transformer.n_head": 2,
                 "transformer.d_head": 16, "transformer.d_inner": 64, "transformer.tgt_len": 8,
-                "transformer.mem_len": 8, "contract_steps": 30},
+                "transformer.mem_len": 8, "contract_steps": 30,
+                # the trained maps: the WikiText-2 slice and notebook 02's smoke-size layer, 2 seeds
+                "trained.data.root": "../shared/data/wikitext-2", "trained.data.folder": "",
+                "trained.data.train_file": "valid.txt", "trained.data.eval_file": "test.txt",
+                "trained.data.download": False, "trained.model.d_model": 32, "trained.model.n_head": 2,
+                "trained.model.d_head": 16, "trained.model.d_inner": 64, "trained.model.tgt_len": 16,
+                "trained.model.mem_len": 16, "trained.model.cutoffs": [2000, 8000], "trained.train.max_steps": 3,
+                "trained.train.batch_size": 4, "trained.train.pretrain_steps": 1, "trained.seeds": [0, 1],
+                "trained.eval.max_tokens": 2000, "trained.eval.monitor_every": 2, "trained.eval.monitor_batch": 2,
+                "trained.eval.radius_iters": 10, "trained.eval.radius_vectors": 2},
     # WikiText-103 (and its 267K vocabulary) is not here: the WikiText-2 slice stands in, and the
     # 98M-parameter model shrinks to what a CPU trains for 3 steps (cutoffs inside the slice's
     # 13,777 words, an 18 -> 2 layer explicit stack, 2,000 evaluation tokens), one seed, the
@@ -57,7 +66,8 @@ def test_every_notebook_has_a_smoke_override():
 
 @pytest.mark.parametrize("experiment", sorted(NOTEBOOKS))
 def test_paper_profile_starts_and_trains_on_cpu(experiment, tmp_path):
-    skip_without_slice(PAPER_SMOKE[experiment].get("data.root", ""))
+    smoke = PAPER_SMOKE[experiment]
+    skip_without_slice(smoke.get("data.root") or smoke.get("trained.data.root", ""))
     nb = run(experiment, profile="paper", overrides=PAPER_SMOKE[experiment], out=tmp_path)
     assert nb == tmp_path / "notebook.ipynb" and nb.exists()
     metrics = json.loads((tmp_path / "metrics.json").read_text())

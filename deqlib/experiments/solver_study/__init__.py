@@ -14,7 +14,10 @@ One job per module:
 - :mod:`.libraries`: deqlib and torchdeq (optional, the ``bench`` extra) behind one signature;
 - :mod:`.measurement`: the harness that measures one solve;
 - :mod:`.comparison`: every problem x library x method (:func:`compare`);
-- :mod:`.summary`: time ratios between the libraries and the recommended method per problem.
+- :mod:`.summary`: time ratios between the libraries, the recommended method per problem, and a
+  recorded GPU run's calls;
+- :mod:`.trained`: the headline, the solvers on DEQ-Transformer maps trained without and with
+  the Jacobian penalty (``load_data`` / ``run_arm``, the shape of every experiment).
 """
 
 from .comparison import Comparison, call_time_drift, compare, describe_problem, run_one
@@ -25,7 +28,8 @@ from .measurement import (CallRecorder, ImplicitBackward, Measurement, Reference
                           measure_solve, ops_per_call, own_time_per_call, reference)
 from .problems import (CONV_GROUPS, ConvMap, FlatMap, LayerMap, Problem, build_problem, calibrate_scale,
                        calibrated_conv_map, contraction_path)
-from .summary import recommendations, time_ratios
+from .summary import device_run, recommendations, time_ratios
+from .trained import backward_gradient_error, measure_map, solve_cost, trained_problem
 
 __all__ = [
     "METHODS", "LIBRARIES", "KINDS", "PROBLEMS", "SyntheticSpec", "ConvSpec", "MDEQSpec", "TransformerSpec",
@@ -33,5 +37,6 @@ __all__ = [
     "LayerMap", "contraction_path", "build_problem", "Solver", "torchdeq_version", "resolve_libraries",
     "library_solver", "CallRecorder", "call_time", "Measurement", "measure_solve", "own_time_per_call",
     "ops_per_call", "ImplicitBackward", "gradient_error", "Reference", "reference", "Comparison",
-    "describe_problem", "call_time_drift", "run_one", "compare", "time_ratios", "recommendations",
+    "describe_problem", "call_time_drift", "run_one", "compare", "time_ratios", "recommendations", "device_run",
+    "trained_problem", "solve_cost", "backward_gradient_error", "measure_map",
 ]

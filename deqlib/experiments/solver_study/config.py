@@ -14,6 +14,7 @@ import torch
 from ...checks import check_choice_list, check_int, check_int_list, check_real, check_str
 from ...models.mdeq import MDEQConfig
 from ...models.transformer import TransformerConfig
+from ..wikitext.config import ARMS, WikiTextExperiment
 
 __all__ = ["METHODS", "LIBRARIES", "KINDS", "PROBLEMS", "SyntheticSpec", "ConvSpec", "MDEQSpec",
            "TransformerSpec", "SolversExperiment"]
@@ -115,6 +116,10 @@ class SolversExperiment:
     ``contract_steps`` / ``contract_lr``: the Adam steps on the Jacobian penalty that make the
     contractive end of the MDEQ's and the Transformer's path (:func:`contraction_path`).
     ``device``: ``"cpu"``, ``"cuda"`` (``"cuda:N"``) or ``"auto"`` (CUDA when there is one).
+    ``trained``: the headline experiment's arms (notebook 02's, trained briefly; see
+    :mod:`.trained`): an arm without and one with the Jacobian penalty, every seed of
+    ``trained.seeds``. ``backward_tols``: the tolerances its implicit backward is solved to
+    (Table 4's 1e-4 and the released code's 1e-3), each judged by the gradient's error.
     """
 
     problems: tuple[str, ...] = ("synthetic", "synthetic_hard", "conv", "conv_hard", "mdeq", "mdeq_hard",
@@ -138,8 +143,23 @@ class SolversExperiment:
     reference_max_iter: int = 2000
     radius_iters: int = 150
     seed: int = 0
+    trained: WikiTextExperiment = field(
+        default_factory=lambda: WikiTextExperiment(arms=("post_ln", "post_ln_jr")))
+    backward_tols: tuple[float, ...] = (1e-3, 1e-4)
 
     def __post_init__(self) -> None:
+        arms = self.trained.arms
+        if any(ARMS[a].explicit for a in arms) or not any(ARMS[a].jr for a in arms) \
+                or all(ARMS[a].jr for a in arms):
+            raise ValueError(f"trained.arms must be DEQ arms, at least one without JR and one with it, "
+                             f"got trained.arms={list(arms)!r}")
+        if len(self.trained.seeds) < 2:  # a paired test over seeds needs two at least
+            raise ValueError(f"trained.seeds must list at least 2 seeds, "
+                             f"got trained.seeds={list(self.trained.seeds)!r}")
+        if not self.backward_tols:
+            raise ValueError("backward_tols must list at least one tolerance, got backward_tols=[]")
+        for tol in self.backward_tols:
+            check_real("backward_tols", tol, minimum=0, maximum=1, min_open=True, max_open=True)
         for name, known in (("problems", PROBLEMS), ("methods", METHODS), ("libraries", LIBRARIES)):
             check_choice_list(name, getattr(self, name), known)
         for name in ("tol", "backward_tol", "reference_tol"):

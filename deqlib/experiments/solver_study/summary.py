@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from ...checks import check_real
 from .config import METHODS
 
-__all__ = ["time_ratios", "recommendations"]
+__all__ = ["time_ratios", "recommendations", "device_run"]
 
 
 def _geomean(values: Sequence[float]) -> float | None:
@@ -64,3 +64,26 @@ def recommendations(rows: Sequence[dict], library: str = "deqlib", min_saving: f
                     "plain iteration calls": plain if plain is not None else "not converged",
                     "saving": round(saving, 1) if plain is not None else None})
     return out
+
+
+def device_run(results_md: str, compare: dict) -> dict:
+    """What a recorded GPU run of the comparison (``python -m deqlib.bench compare --json``)
+    says, for a short section of the notebook: ``device`` (as the run recorded it), ``commit``
+    (the deqlib commit ``results_md``, the run's write-up, names; None if it names none) and
+    ``rows``: per problem and method the calls of ``f`` forward + backward for each library, a
+    ``*`` marking a solve that did not converge."""
+    import re
+
+    found = re.search(r"deqlib as of\s+commit\s+`([0-9a-f]+)`", results_md)
+    by = {(r["problem"], r["library"], r["method"]): r for r in compare["rows"]}
+    rows = []
+    for problem in compare["config"]["problems"]:
+        for method in compare["config"]["methods"]:
+            row = {"problem": problem, "method": method}
+            for lib in compare["config"]["libraries"]:
+                r = by.get((problem, lib, method))
+                if r is not None:
+                    mark = "" if r["fwd_converged"] and r["bwd_converged"] else "*"
+                    row[lib] = f"{r['fwd_nfe']} + {r['bwd_nfe']}{mark}"
+            rows.append(row)
+    return {"device": compare.get("device", "unknown"), "commit": found.group(1) if found else None, "rows": rows}
