@@ -210,6 +210,9 @@ class JacobianPenalty:
         p: probability of applying the term at a step, in [0, 1].
         n_probes: M, Hutchinson probes (>= 1).
         adaptive: an adaptive gamma policy, or None for the fixed schedule.
+        stop_epoch: no penalty from this epoch on (0-based, counted from the start of
+            training, pretraining included: the official code's ``JAC_STOP_EPOCH``, which keeps
+            the term from dominating a task loss near 0 late in training); None: never stops.
     """
 
     gamma: float = 0.0
@@ -217,12 +220,14 @@ class JacobianPenalty:
     p: float = 1.0
     n_probes: int = 1
     adaptive: AdaptiveGamma | None = None
+    stop_epoch: int | None = None
 
     def __post_init__(self) -> None:
         check_real("gamma", self.gamma, minimum=0)
         check_real("gamma_end", self.gamma_end, minimum=0, optional=True)
         check_real("p", self.p, minimum=0, maximum=1)
         check_int("n_probes", self.n_probes, 1)
+        check_int("stop_epoch", self.stop_epoch, 1, optional=True)
         a = self.adaptive
         if a is None:
             return
@@ -254,9 +259,10 @@ class JacobianPenalty:
             return ScheduledGamma(self.weight)
         return AdaptiveGammaController(self.adaptive, self.gamma)
 
-    def applies(self, generator: torch.Generator) -> bool:
-        """Draw tau ~ Bernoulli(p) from ``generator`` (the same draw on every process)."""
-        if not self.enabled:
+    def applies(self, generator: torch.Generator, epoch: int | None = None) -> bool:
+        """Draw tau ~ Bernoulli(p) from ``generator`` (the same draw on every process); False
+        without a draw when the penalty is off or ``epoch`` is at or past ``stop_epoch``."""
+        if not self.enabled or (self.stop_epoch is not None and epoch is not None and epoch >= self.stop_epoch):
             return False
         return bool(torch.rand((), generator=generator) < self.p)
 

@@ -1,6 +1,8 @@
-"""deqlib.models.mdeq and the CIFAR experiment's evaluation: gradients against an unrolled
-reference, one map per solve, named config errors, training lowers the loss, hard NFE caps."""
+"""deqlib.models.mdeq: gradients against an unrolled reference, one map per solve, named config
+errors, training lowers the loss, hard NFE caps, the official stem, the post-fusion groups and
+the pretraining depth."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -8,7 +10,6 @@ import torch
 
 from deqlib.deq import SolverSettings
 from deqlib.jacobian import JacobianPenalty
-from deqlib.experiments.cifar import CifarEvalConfig, evaluate_model, hard_cap, nfe_to_tol
 from deqlib.models.mdeq import MDEQ, MDEQConfig
 from deqlib.nn import once_per_step
 from deqlib.train import TensorBatches, TrainConfig, evaluate, train
@@ -133,31 +134,64 @@ def test_a_few_training_steps_lower_the_loss():
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 8])
-def test_hard_cap_stops_the_solve_at_exactly_k_calls(k):
+def test_a_hard_cap_stops_the_solve_at_exactly_k_calls(k):
     model = _tiny().eval()
-    with torch.no_grad():
-        _, stats = model.predict(torch.randn(4, 3, 8, 8), forward_solver=hard_cap(k))
+    with torch.no_grad():  # a tolerance no float reaches: only the cap ends the solve
+        _, stats = model.predict(torch.randn(4, 3, 8, 8), forward_solver=SolverSettings("anderson", k, 1e-30))
     assert stats.forward.nfe == k and stats.forward.rel_trace.shape == (k, 4)
 
 
-def test_evaluate_model_reports_each_cap_over_the_whole_set():
-    model = _tiny()
-    images = torch.randint(0, 256, (23, 3, 8, 8), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (23,))
-    ev = CifarEvalConfig(batch_size=10, nfe=(1, 3), tol=1e-3, nfe_cap=12)
-    res = evaluate_model(model, images, labels, ev)
-    assert res["n"] == 23 and not model.training
-    assert set(res) >= {"acc_nfe_1", "acc_nfe_3", "acc_tol", "reached_tol", "nfe_to_tol_mean"}
+def test_the_official_stem_never_injects_a_negative_value():
+    """The official stem ends in a ReLU (two conv3x3 + norm + ReLU, then conv1x1 + norm + ReLU);
+    the compact one ends in a GroupNorm, whose output has both signs."""
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        from deqlib.data.cifar import normalize
+        official = _tiny(replace(TINY, stem="official")).stem(x)
+        compact = _tiny(replace(TINY, stem="compact")).stem(x)
+    assert official.shape == compact.shape == (6, 4, 4, 4)
+    assert float(official.min()) >= 0 and float(official.max()) > 0
+    assert float(compact.min()) < 0
 
-        logits, _ = model.predict(normalize(images), forward_solver=hard_cap(3))
-    assert round(res["acc_nfe_3"] * 23) == int((logits.argmax(1) == labels).sum())
+
+@pytest.mark.parametrize("downsample, scales, convs3, ends_1x1", [(0, 2, 2, False), (0, 3, 2, True), (1, 2, 2, True),
+                                                                  (3, 2, 3, True)])
+def test_the_official_stem_has_the_official_layers(downsample, scales, convs3, ends_1x1):
+    """max(2, downsample) conv3x3 (the first ``downsample`` of stride 2), then the 1x1 stage
+    except with no downsampling and at most 2 scales, as the official code builds it."""
+    channels = (4, 8, 8)[:scales]
+    cfg = replace(TINY, stem="official", downsample=downsample, channels=channels, head_channels=channels,
+                  image_size=16)
+    convs = [m for m in _tiny(cfg).stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size[0] for c in convs] == [3] * convs3 + ([1] if ends_1x1 else [])
+    assert [c.stride[0] for c in convs[:convs3]] == [2] * downsample + [1] * (convs3 - downsample)
 
 
-def test_nfe_to_tol_takes_the_first_crossing():
-    trace = torch.tensor([[0.5, 0.5, 0.5], [1e-4, 0.1, 0.5], [1e-2, 1e-4, 0.5]])
-    assert nfe_to_tol(trace, 1e-3).tolist() == [2, 3, 0]
+def test_post_fusion_groups_are_a_parameter():
+    default = _tiny()
+    halved = _tiny(replace(TINY, channels=(4, 8), groups=2, post_groups=1))
+    assert [p[2].num_groups for p in default.f.post] == [2, 2]
+    assert [p[2].num_groups for p in halved.f.post] == [1, 1]
+    assert [b.gn1.num_groups for b in halved.f.blocks] == [2, 2]  # the blocks keep theirs
+
+
+def test_pretraining_unrolls_pretrain_depth_layers():
+    forward = SolverSettings("anderson", 4, 1e-3)
+    model = _tiny(replace(TINY, pretrain_depth=2), forward=forward).eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        out = model((x, y), pretrain=True)
+        torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(model.unrolled(x, 2), y))
+        assert not torch.allclose(out.loss, torch.nn.functional.cross_entropy(model.unrolled(x, 4), y))
+    assert _tiny(forward=forward).pretrain_depth == 4  # default: the forward threshold
+
+
+@pytest.mark.parametrize("change, message", [({"stem": "resnet"}, "stem='resnet'"),
+                                             ({"post_groups": 0}, "post_groups=0"),
+                                             ({"post_groups": 3}, "post_groups=3 does not divide"),
+                                             ({"pretrain_depth": 0}, "pretrain_depth=0")])
+def test_bad_stem_groups_and_depth_are_named(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        replace(TINY, **change)
 
 
 @pytest.mark.parametrize("n, batch", [(23, 10), (10, 10), (7, 50), (1, 1)])
@@ -178,13 +212,6 @@ def test_evaluate_rejects_bad_sizes():
         evaluate(lambda a, b: {}, 5, 0)
     with pytest.raises(ValueError, match="n_items=0"):
         evaluate(lambda a, b: {}, 0, 5)
-
-
-def test_eval_config_is_validated():
-    with pytest.raises(ValueError, match=r"nfe=\(0,\)"):
-        CifarEvalConfig(nfe=(0,))
-    with pytest.raises(ValueError, match="method='newton'"):
-        CifarEvalConfig(method="newton")
 
 
 @pytest.fixture

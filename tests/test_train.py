@@ -399,3 +399,20 @@ def test_an_adaptive_gamma_moves_with_the_run_and_resumes_exactly(tmp_path):
     assert [r["gamma"] for r in rest.records] == gammas
     for pa, pc in zip(model_a.state_dict().values(), model_c.state_dict().values()):
         assert torch.equal(pa, pc)
+
+
+def test_the_penalty_stops_at_its_stop_epoch():
+    """``stop_epoch`` (the official code's JAC_STOP_EPOCH): drawn on every step before it (p = 1),
+    on none from it on, whatever the draw would have been."""
+    cfg = replace(CFG, epochs=3, jacobian=JacobianPenalty(gamma=1.0, p=1.0, stop_epoch=2))
+    model, data = _setup(cfg)
+    records = train(model, data, cfg, progress=False).records
+    drawn = {r["epoch"]: [] for r in records}
+    for r in records:
+        drawn[r["epoch"]].append(not math.isnan(r["jac_fro"]))
+    assert drawn == {0: [True] * 8, 1: [True] * 8, 2: [False] * 8}
+    penalty = JacobianPenalty(gamma=1.0, p=1.0, stop_epoch=2)
+    assert penalty.applies(rng(0), epoch=1) and not penalty.applies(rng(0), epoch=2)
+    assert penalty.applies(rng(0))  # no epoch given: no stop to apply
+    with pytest.raises(ValueError, match="stop_epoch=0"):
+        JacobianPenalty(stop_epoch=0)

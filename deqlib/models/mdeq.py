@@ -22,12 +22,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_bool, check_int, check_int_list, check_real
+from ..checks import check_bool, check_choice, check_int, check_int_list, check_real
 from ..deq import DEQ, DEQStats, SolverSettings
 from ..nn import VariationalDropout, group_norm, once_per_step, weight_norm
 from ..step import StepOutput
 
-__all__ = ["MDEQConfig", "ResidualBlock", "MultiscaleMap", "MDEQ"]
+__all__ = ["MDEQConfig", "ResidualBlock", "MultiscaleMap", "Stem", "MDEQ", "STEMS"]
+
+# How the image becomes the injection (see Stem): "compact", this library's first stem, or the
+# official code's "official".
+STEMS = ("compact", "official")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,15 @@ class MDEQConfig:
             protocol: 0.01); None keeps PyTorch's default (Kaiming-uniform) initialization. The
             weights feed GroupNorms, so their scale mostly sets how far one Adam step moves them
             relative to their size.
+        stem: ``"compact"`` (the default, kept for the runs made with it): ``max(1, downsample)``
+            conv3x3 + GN + ReLU, then conv1x1 + GN, so the injection takes both signs;
+            ``"official"``: as the official code, two conv3x3 + norm + ReLU (the first
+            ``downsample`` of stride 2), then conv1x1 + norm + ReLU (left out there, and here,
+            when ``downsample == 0`` with at most 2 scales), so the injection is never negative.
+        post_groups: GroupNorm groups after the fusion (None: ``groups``; the official code
+            uses ``groups // 2``); must divide every width.
+        pretrain_depth: layers of the weight-tied stack trained by the pretraining steps (None:
+            the forward NFE threshold; the official code's ``NUM_LAYERS``, 8 for CIFAR-10).
     """
 
     channels: tuple[int, ...] = (28, 56, 112, 224)
@@ -62,6 +75,9 @@ class MDEQConfig:
     image_size: int = 32
     weight_norm: bool = True
     init_std: float | None = 0.01
+    stem: str = "compact"
+    post_groups: int | None = None
+    pretrain_depth: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("channels", "head_channels"):
@@ -72,6 +88,9 @@ class MDEQConfig:
         check_real("dropout", self.dropout, minimum=0, maximum=1, max_open=True)
         check_bool("weight_norm", self.weight_norm)
         check_real("init_std", self.init_std, minimum=0, min_open=True, optional=True)  # null: PyTorch's default
+        check_choice("stem", self.stem, STEMS)
+        check_int("post_groups", self.post_groups, 1, optional=True)
+        check_int("pretrain_depth", self.pretrain_depth, 1, optional=True)
         if len(self.head_channels) != len(self.channels):
             raise ValueError(f"head_channels={list(self.head_channels)} needs one width per scale "
                              f"of channels={list(self.channels)}")
@@ -79,6 +98,9 @@ class MDEQConfig:
         bad = [w for w in widths if w % self.groups]
         if bad:
             raise ValueError(f"groups={self.groups} does not divide the widths {bad}")
+        bad = [w for w in self.channels if w % self.fusion_groups]
+        if bad:
+            raise ValueError(f"post_groups={self.post_groups} does not divide the widths {bad}")
         halvings = self.downsample + len(self.channels) - 1
         if self.image_size >> halvings < 1:
             raise ValueError(f"image_size={self.image_size} is too small for downsample={self.downsample} "
@@ -87,6 +109,11 @@ class MDEQConfig:
             # A stride-2 conv rounds an odd side up, so the scales would stop matching in the fusion.
             raise ValueError(f"image_size={self.image_size} must be divisible by 2**{halvings} "
                              f"(downsample={self.downsample} and {len(self.channels)} scales)")
+
+    @property
+    def fusion_groups(self) -> int:
+        """GroupNorm groups after the fusion: ``post_groups``, else ``groups``."""
+        return self.groups if self.post_groups is None else self.post_groups
 
     @property
     def sizes(self) -> list[int]:
@@ -154,7 +181,7 @@ class MultiscaleMap(nn.Module):
         self.fuse = nn.ModuleList(nn.ModuleList(_fuse(cfg, j, i) for j in range(n)) for i in range(n))
         # The official code's post-fusion GroupNorm has no affine parameters.
         self.post = nn.ModuleList(
-            nn.Sequential(nn.ReLU(), _conv(c, c, 1), group_norm(c, cfg.groups, affine=False))
+            nn.Sequential(nn.ReLU(), _conv(c, c, 1), group_norm(c, cfg.fusion_groups, affine=False))
             for c in cfg.channels)
         if cfg.weight_norm:
             for block in self.blocks:
@@ -176,20 +203,31 @@ class MultiscaleMap(nn.Module):
 
 
 class Stem(nn.Module):
-    """Image ``(B, in_channels, S, S)`` -> injection ``(B, channels[0], sizes[0], sizes[0])``:
-    ``max(1, downsample)`` conv3x3 + GN + ReLU layers (the first ``downsample`` of stride 2),
-    then a 1x1 conv + GN."""
+    """Image ``(B, in_channels, S, S)`` -> injection ``(B, channels[0], sizes[0], sizes[0])``.
+
+    ``"compact"``: ``max(1, downsample)`` conv3x3 + GN + ReLU layers (the first ``downsample``
+    of stride 2), then a 1x1 conv + GN: the injection takes both signs. ``"official"``: the
+    official code's ``downsample`` and ``stage0`` modules, ``max(2, downsample)`` conv3x3 + GN +
+    ReLU (the first ``downsample`` of stride 2), then a 1x1 conv + GN + ReLU, which the official
+    code leaves out when ``downsample == 0`` with at most 2 scales: the injection ends in a ReLU,
+    so it is never negative. GroupNorm where the official stem has BatchNorm, as everywhere in
+    this model.
+    """
 
     def __init__(self, cfg: MDEQConfig):
         super().__init__()
         c = cfg.channels[0]
+        official = cfg.stem == "official"
         layers: list[nn.Module] = []
         cin = cfg.in_channels
-        for k in range(max(1, cfg.downsample)):
+        for k in range(max(2 if official else 1, cfg.downsample)):
             layers += [_conv(cin, c, 3, stride=2 if k < cfg.downsample else 1), group_norm(c, cfg.groups),
                        nn.ReLU()]
             cin = c
-        layers += [_conv(c, c, 1), group_norm(c, cfg.groups)]
+        if not official:
+            layers += [_conv(c, c, 1), group_norm(c, cfg.groups)]
+        elif cfg.downsample > 0 or len(cfg.channels) > 2:
+            layers += [_conv(c, c, 1), group_norm(c, cfg.groups), nn.ReLU()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,7 +271,8 @@ class MDEQ(nn.Module):
     ``model(batch, pretrain=False)`` with ``batch = (images (B, C, S, S), labels (B,))`` returns the
     training loop's :class:`~deqlib.train.StepOutput` (cross-entropy, the solve's statistics and
     the batch accuracy). With ``pretrain=True`` the map is instead unrolled as an explicit
-    weight-tied stack of ``forward.max_iter`` layers (the official code's pretraining steps).
+    weight-tied stack of ``pretrain_depth`` layers (default: ``forward.max_iter``; the official
+    code's pretraining steps).
     """
 
     def __init__(self, cfg: MDEQConfig, forward: SolverSettings, backward: SolverSettings):
@@ -257,6 +296,12 @@ class MDEQ(nn.Module):
                     m.weight.normal_(0.0, std)
                 if m.bias is not None:
                     m.bias.zero_()
+
+    @property
+    def pretrain_depth(self) -> int:
+        """Layers of the weight-tied stack that pretraining trains."""
+        depth = self.cfg.pretrain_depth
+        return self.deq.forward_solver.max_iter if depth is None else depth
 
     def initial_state(self, injection: Tensor) -> list[Tensor]:
         """``z0 = 0`` at every scale, on the injection's device and dtype."""
@@ -283,7 +328,7 @@ class MDEQ(nn.Module):
     def forward(self, batch: tuple[Tensor, Tensor], pretrain: bool = False) -> StepOutput:
         x, y = batch
         if pretrain:
-            logits, stats = self.unrolled(x, self.deq.forward_solver.max_iter), None
+            logits, stats = self.unrolled(x, self.pretrain_depth), None
         else:
             logits, stats = self.predict(x)
         loss = nn.functional.cross_entropy(logits, y)

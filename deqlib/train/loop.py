@@ -196,7 +196,7 @@ def train(
             jac_est, weight = None, float("nan")
             loss = out.loss
             gen = penalty_rng(cfg.seed, step)  # tau: the same draw on every process
-            if out.stats is not None and cfg.jacobian.applies(gen):
+            if out.stats is not None and cfg.jacobian.applies(gen, epoch):
                 if rank:
                     gen = penalty_rng(cfg.seed, step, rank)  # this process's own probes
                 # gamma's schedule runs over the equilibrium steps: it starts at gamma when the
