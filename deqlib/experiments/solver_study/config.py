@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...checks import check_choice_list, check_int, check_int_list, check_real, check_str
+from ...checks import check_choice_list, check_int, check_int_list, check_real, check_real_list, check_str
 from ...models.mdeq import MDEQConfig
 from ...models.transformer import TransformerConfig
 from ..wikitext.config import ARMS, WikiTextExperiment
@@ -156,10 +156,10 @@ class SolversExperiment:
         if len(self.trained.seeds) < 2:  # a paired test over seeds needs two at least
             raise ValueError(f"trained.seeds must list at least 2 seeds, "
                              f"got trained.seeds={list(self.trained.seeds)!r}")
-        if not self.backward_tols:
-            raise ValueError("backward_tols must list at least one tolerance, got backward_tols=[]")
-        for tol in self.backward_tols:
-            check_real("backward_tols", tol, minimum=0, maximum=1, min_open=True, max_open=True)
+        check_real_list("backward_tols", self.backward_tols, minimum=0, maximum=1)
+        if any(t in (0, 1) for t in self.backward_tols):
+            raise ValueError(f"backward_tols must be tolerances in (0, 1), "
+                             f"got backward_tols={list(self.backward_tols)!r}")
         for name, known in (("problems", PROBLEMS), ("methods", METHODS), ("libraries", LIBRARIES)):
             check_choice_list(name, getattr(self, name), known)
         for name in ("tol", "backward_tol", "reference_tol"):
