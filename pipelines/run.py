@@ -60,6 +60,7 @@ NOTEBOOKS = {
     "solvers": "07_solvers.py",
     "wikitext": "02_wikitext.py",
     "memory": "05_memory.py",
+    "weight_decay": "06_weight_decay.py",
 }
 # The config class each notebook builds with deqlib.config.load_experiment (module:class).
 CONFIGS = {
@@ -68,6 +69,7 @@ CONFIGS = {
     "solvers": "deqlib.experiments.solver_study:SolversExperiment",
     "wikitext": "deqlib.experiments.wikitext:WikiTextExperiment",
     "memory": "deqlib.experiments.memory:MemoryExperiment",
+    "weight_decay": "deqlib.experiments.weight_decay:WeightDecayExperiment",
 }
 STAGING = ".run.staging"  # inside the output folder: what the notebook writes until it finishes
 LOCK = ".run.lock"  # inside the output folder: one run at a time

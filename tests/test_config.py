@@ -18,12 +18,13 @@ from deqlib.experiments.cifar import CifarExperiment
 from deqlib.experiments.memory import MemoryExperiment
 from deqlib.experiments.solver_study import SolversExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
+from deqlib.experiments.weight_decay import WeightDecayExperiment
 from deqlib.experiments.wikitext import WikiTextExperiment
 from deqlib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "solvers": SolversExperiment,
-               "wikitext": WikiTextExperiment, "memory": MemoryExperiment}
+               "wikitext": WikiTextExperiment, "memory": MemoryExperiment, "weight_decay": WeightDecayExperiment}
 
 
 def test_default_profile_is_paper():
@@ -327,7 +328,7 @@ def test_params_yaml_has_no_anchors_or_aliases():
 
 
 _SEED_KEY = {"synthetic": ("data", "seed"), "cifar10": ("train", "seed"), "wikitext": ("eval", "max_tokens"),
-             "solvers": ("seed",), "memory": ("seed",)}
+             "solvers": ("seed",), "memory": ("seed",), "weight_decay": ("mdeq", "eval", "monitor_every")}
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))

@@ -57,6 +57,25 @@ PAPER_SMOKE = {
                "mdeq.batch": 2, "mdeq.channels": [8, 16], "mdeq.head_channels": [8, 16], "mdeq.final_channels": 16,
                "mdeq.image_size": 16, "mdeq.depth": 2, "mdeq.time_nfe": [2, 4], "eval.nfe": [2, 4],
                "eval.depths": [1, 2], "eval.repeats": 2},
+    # Both models at notebook 02's / 03's smoke sizes on the WikiText-2 and CIFAR-10 slices (3
+    # steps, 1 of pretraining for the Transformer), one seed, the monitor every step; the arms
+    # keep the paper profile's doses, thresholds and penalties.
+    "weight_decay": {
+        "transformer.data.root": "../shared/data/wikitext-2", "transformer.data.folder": "",
+        "transformer.data.train_file": "valid.txt", "transformer.data.eval_file": "test.txt",
+        "transformer.data.download": False, "transformer.model.d_model": 32, "transformer.model.n_head": 2,
+        "transformer.model.d_head": 16, "transformer.model.d_inner": 64, "transformer.model.tgt_len": 16,
+        "transformer.model.mem_len": 16, "transformer.model.cutoffs": [2000, 8000], "transformer.model.n_layer": 2,
+        "transformer.train.max_steps": 3, "transformer.train.batch_size": 4, "transformer.train.pretrain_steps": 1,
+        "transformer.eval.max_eval": 2000, "transformer.eval.eval_batch": 4, "transformer.eval.monitor_every": 1,
+        "transformer.eval.monitor_batch": 2, "transformer.eval.radius_iters": 5, "transformer.eval.radius_vectors": 2,
+        "transformer.eval.plain_nfe_cap": 5,
+        "mdeq.data.root": "../shared/data/cifar-10-subset", "mdeq.data.download": False, "mdeq.data.n_train": 16,
+        "mdeq.data.n_test": 8, "mdeq.model.channels": [8, 16], "mdeq.model.head_channels": [8, 16],
+        "mdeq.model.final_channels": 16, "mdeq.model.downsample": 1, "mdeq.train.max_steps": 3,
+        "mdeq.train.batch_size": 4, "mdeq.eval.monitor_every": 1, "mdeq.eval.monitor_batch": 2,
+        "mdeq.eval.radius_iters": 5, "mdeq.eval.radius_vectors": 2, "mdeq.eval.plain_nfe_cap": 5,
+        "mdeq.eval.eval_batch": 8, "seeds": [0]},
 }
 
 

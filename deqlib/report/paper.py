@@ -100,4 +100,31 @@ PAPER: dict[str, dict[str, Any]] = {
                  "dropout 0.06, weight norm, thresholds 12/12, gamma 1.6 -> 2.5, p 0.35",
         "source": "supplement Table 4, WikiText-103 column",
     },
+    # Supplement B.2 / B.3 and Figures 8 and 10 (notebook 06): qualitative, the figures' values are
+    # not in the text.
+    "weight_decay.fig8": {
+        "value": "weight decay 1e-6 on the DEQ-Transformer does not stabilize forward convergence; after 50K "
+                 "steps the model diverged to > 500 perplexity",
+        "source": "Figure 8 and Section 5.5 (main text)",
+    },
+    "weight_decay.fig10a": {
+        "value": "CIFAR-10 MDEQ backward residual after 14 iterations: unregularized fluctuates and rises; weight "
+                 "decay damps the fluctuations but converges worse (relative residual > 0.05 and rising); JR "
+                 "(gamma 0.5) smooth and stable",
+        "source": "supplement B.2, Figure 10a",
+    },
+    "weight_decay.fig10b": {
+        "value": "a larger relative residual comes with a larger ||J_f||_F^2; weight-decayed DEQ-Transformers the "
+                 "worst",
+        "source": "supplement B.3, Figure 10b",
+    },
+    "weight_decay.fig10c": {
+        "value": "at a fixed gamma ||J_f||_F grows slowly over training ('critical stability'), much slower than "
+                 "unregularized and weight-decayed models; calls for adaptive gamma scheduling",
+        "source": "supplement B.3, Figure 10c",
+    },
+    "weight_decay.claim_general": {
+        "value": "weight decay is generally not effective in stabilizing DEQs and sometimes even counter-productive",
+        "source": "Section 5.5 (main text); supplement B.3",
+    },
 }
