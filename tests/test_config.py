@@ -327,7 +327,7 @@ def test_params_yaml_has_no_anchors_or_aliases():
     assert not aliases and not anchors, (anchors, aliases)
 
 
-_SEED_KEY = {"synthetic": ("data", "seed"), "cifar10": ("train", "seed"), "wikitext": ("eval", "max_tokens"),
+_SEED_KEY = {"synthetic": ("data", "seed"), "cifar10": ("eval", "jac_batch"), "wikitext": ("eval", "max_tokens"),
              "solvers": ("seed",), "memory": ("seed",), "weight_decay": ("mdeq", "eval", "monitor_every")}
 
 
