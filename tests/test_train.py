@@ -22,7 +22,8 @@ CFG = TrainConfig(epochs=2, batch_size=32, lr=1e-2, forward=SolverSettings("ande
 def _setup(cfg=CFG):
     (x, y), _ = make_synthetic(SyntheticConfig(n_train=256, n_valid=8))
     torch.manual_seed(cfg.seed)
-    return SyntheticDEQ(SyntheticModelConfig(init_std=0.1), cfg.forward, cfg.backward), TensorBatches((x, y), cfg.batch_size, seed=cfg.seed)
+    model = SyntheticDEQ(SyntheticModelConfig(init_std=0.1), cfg.forward, cfg.backward)
+    return model, TensorBatches((x, y), cfg.batch_size, seed=cfg.seed)
 
 
 def test_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
@@ -366,7 +367,7 @@ def test_a_monitor_joins_the_records_without_changing_the_run(tmp_path):
         return {"mon_scale": float(sum(p.abs().sum() for p in model.parameters()))}
 
     model_a, data = _setup()
-    plain = train(model_a, data, CFG, progress=False)
+    train(model_a, data, CFG, progress=False)
     model_b, data = _setup()
     watched = train(model_b, data, CFG, progress=False, monitor=monitor, monitor_every=5)
     for pa, pb in zip(model_a.state_dict().values(), model_b.state_dict().values()):

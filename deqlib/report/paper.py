@@ -82,7 +82,8 @@ PAPER: dict[str, dict[str, Any]] = {
         "source": "Table 5 (1.5x in Table 1): DEQ Post-LN + JR",
     },
     "wikitext.claim_jr_memory": {
-        "value": "JR adds about 25% training memory (3.9 -> 4.8 GB); the DEQ uses about half the memory of Transformer-XL",
+        "value": ("JR adds about 25% training memory (3.9 -> 4.8 GB); the DEQ uses about half the memory of "
+                  "Transformer-XL"),
         "source": "supplement B.1; Table 1",
     },
     "memory.jr_b1": {

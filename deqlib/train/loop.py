@@ -146,8 +146,8 @@ def train(
     ckpt_path = Path(run_dir) / CHECKPOINT if run_dir is not None else None
     start, records = 0, []
     gamma = cfg.jacobian.controller()  # the penalty's weight: a fixed schedule, or adaptive run state
-    run_id = plain_values({"train": dataclasses.asdict(cfg), "total_steps": total, "steps_per_epoch": data.steps_per_epoch,
-                     "identity": dict(identity or {})}, "run")
+    run_id = plain_values({"train": dataclasses.asdict(cfg), "total_steps": total,
+                           "steps_per_epoch": data.steps_per_epoch, "identity": dict(identity or {})}, "run")
     state = None
     if ckpt_path is not None and ckpt_path.exists():
         state = read_checkpoint(ckpt_path, "not resuming from it: this run starts afresh and overwrites it")
