@@ -88,7 +88,9 @@ def test_every_notebook_has_a_smoke_override():
 @pytest.mark.parametrize("experiment", sorted(NOTEBOOKS))
 def test_paper_profile_starts_and_trains_on_cpu(experiment, tmp_path):
     smoke = PAPER_SMOKE[experiment]
-    skip_without_slice(smoke.get("data.root") or smoke.get("trained.data.root", ""))
+    for key, root in smoke.items():
+        if key == "data.root" or key.endswith(".data.root"):
+            skip_without_slice(root)
     nb = run(experiment, profile="paper", overrides=PAPER_SMOKE[experiment], out=tmp_path)
     assert nb == tmp_path / "notebook.ipynb" and nb.exists()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -219,7 +221,8 @@ def test_committed_notebook_outputs_reproduce(notebook, numeric_path, cell_timeo
     marked NBVAL_IGNORE_OUTPUT, bit for bit. Where the pinned path cannot hold (no AVX2, not
     x86-64) or ``$DEQLIB_NOTEBOOK_RTOL`` is set, ``pipelines.nbcheck`` compares at that relative
     tolerance instead (README, "Reproducing the notebooks")."""
-    skip_without_slice(_small_data_root(notebook))
+    for root in _small_data_roots(notebook):
+        skip_without_slice(root)
     rtol = os.environ.get(RTOL_ENV) or ("" if numeric_path["pinned"] else DEFAULT_RTOL)
     if rtol:
         cmd = [sys.executable, "-m", "pipelines.nbcheck", f"--rtol={rtol}", f"--timeout={cell_timeout}",
@@ -241,11 +244,18 @@ def _failure_summary(stdout: str) -> str:
     return "\n".join(keep[:20]) + ("\n\n" if keep else "")
 
 
-def _small_data_root(notebook: str) -> str:
-    """The data root of the notebook's experiment in the small profile ("" if it has none)."""
+def _small_data_roots(notebook: str) -> list[str]:
+    """Every data root of the notebook's experiment in the small profile, at any depth (an
+    experiment of two models has one per model)."""
     experiment = next(e for e, src in NOTEBOOKS.items() if Path(src).stem == Path(notebook).stem)
-    small = load_params(ROOT / "params.yaml")[experiment]["small"]
-    return small.get("data", {}).get("root", "")
+
+    def roots(section) -> list[str]:
+        if not isinstance(section, dict):
+            return []
+        found = [section["root"]] if isinstance(section.get("root"), str) else []
+        return found + [r for value in section.values() for r in roots(value)]
+
+    return roots(load_params(ROOT / "params.yaml")[experiment]["small"])
 
 
 def test_every_source_is_paired():
