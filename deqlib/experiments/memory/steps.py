@@ -34,6 +34,7 @@ solvers' own buffers (the peak of each solve minus that of one call of its map).
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -124,7 +125,7 @@ def _train_step(model: nn.Module, forward: Callable[[], StepOutput], penalty: Ja
     return step
 
 
-class _Steps:
+class _Steps(ABC):
     """What both models share: the DEQ differentiated by ``method`` with ``k`` forward calls,
     the explicit stacks, the solver probe. Subclasses make the models and run them, whole
     (``core=False``) or the layers alone (``core=True``, see the module docstring)."""
@@ -138,23 +139,26 @@ class _Steps:
         self._models: dict = {}
 
     # --- what a subclass provides --------------------------------------------------------
+    @abstractmethod
     def _new_model(self, variant: str) -> nn.Module:
-        raise NotImplementedError
+        """A new model of ``variant``, seeded by ``self.seed``, on ``self.device``."""
 
+    @abstractmethod
     def _layer(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        """The model's layer ``f`` (the map its DEQ solves)."""
 
+    @abstractmethod
     def _set_layer(self, model: nn.Module, layer: nn.Module) -> None:
-        raise NotImplementedError
+        """Put ``layer`` in the place of the model's layer ``f``."""
 
+    @abstractmethod
     def _forward(self, model: nn.Module, layers: int | None, core: bool) -> StepOutput:
         """The forward pass and loss: the equilibrium (``layers`` None) or ``layers`` applications
         of the model's layer; the whole model, or with ``core`` the layers alone."""
-        raise NotImplementedError
 
+    @abstractmethod
     def state_bytes(self) -> int:
         """Bytes of one equilibrium state ``z`` (the unit the solvers' histories come in)."""
-        raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------
     def model(self, variant: str = "default") -> nn.Module:
