@@ -57,6 +57,7 @@ NUMERICS = ("pinned", "native")
 NOTEBOOKS = {
     "synthetic": "01_synthetic.py",
     "cifar10": "03_cifar10.py",
+    "imagenet": "04_imagenet.py",
     "solvers": "07_solvers.py",
     "wikitext": "02_wikitext.py",
     "memory": "05_memory.py",
@@ -66,6 +67,7 @@ NOTEBOOKS = {
 CONFIGS = {
     "synthetic": "deqlib.experiments.synthetic:SyntheticExperiment",
     "cifar10": "deqlib.experiments.cifar:CifarExperiment",
+    "imagenet": "deqlib.experiments.imagenet:ImageNetExperiment",
     "solvers": "deqlib.experiments.solver_study:SolversExperiment",
     "wikitext": "deqlib.experiments.wikitext:WikiTextExperiment",
     "memory": "deqlib.experiments.memory:MemoryExperiment",

@@ -17,13 +17,15 @@ from deqlib.config import (PROFILES, apply_overrides, build, load_experiment, lo
 from deqlib.experiments.cifar import CifarExperiment
 from deqlib.experiments.memory import MemoryExperiment
 from deqlib.experiments.solver_study import SolversExperiment
+from deqlib.experiments.imagenet import ImageNetExperiment
 from deqlib.experiments.synthetic import SyntheticExperiment
 from deqlib.experiments.weight_decay import WeightDecayExperiment
 from deqlib.experiments.wikitext import WikiTextExperiment
 from deqlib.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "solvers": SolversExperiment,
+EXPERIMENTS = {"synthetic": SyntheticExperiment, "cifar10": CifarExperiment, "imagenet": ImageNetExperiment,
+               "solvers": SolversExperiment,
                "wikitext": WikiTextExperiment, "memory": MemoryExperiment, "weight_decay": WeightDecayExperiment}
 
 
@@ -327,7 +329,8 @@ def test_params_yaml_has_no_anchors_or_aliases():
     assert not aliases and not anchors, (anchors, aliases)
 
 
-_SEED_KEY = {"synthetic": ("data", "seed"), "cifar10": ("eval", "jac_batch"), "wikitext": ("eval", "max_tokens"),
+_SEED_KEY = {"synthetic": ("data", "seed"), "cifar10": ("eval", "jac_batch"),
+             "imagenet": ("eval", "jac_batch"), "wikitext": ("eval", "max_tokens"),
              "solvers": ("seed",), "memory": ("seed",), "weight_decay": ("mdeq", "eval", "monitor_every")}
 
 

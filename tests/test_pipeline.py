@@ -24,6 +24,13 @@ PAPER_SMOKE = {
                 "eval.nfe": [1, 2], "eval.compare_nfe": 2, "eval.nfe_cap": 4, "eval.plain_cap": 4,
                 "eval.jac_batch": 2, "eval.radius_iters": 5, "eval.radius_vectors": 2, "eval.memory_batch": 2,
                 "eval.monitor_every": 1, "arms.gammas": [0.0, 0.5], "seeds": [0]},
+    # The shared ImageNet slice, 2 images per class (20 / 20), at the paper's 224 px and model
+    # (its 10 classes for the 1,000-way head); 2 steps, 1 of pretraining; the caps cut short.
+    "imagenet": {"data.root": "../shared/data", "data.folder": "imagenette-slice", "data.max_per_class": 2,
+                 "data.workers": 0, "model.num_classes": 10, "train.max_steps": 2, "train.batch_size": 4,
+                 "train.pretrain_steps": 1, "eval.batch_size": 10, "eval.nfe": [1, 2], "eval.compare_nfe": 2,
+                 "eval.nfe_cap": 3, "eval.plain_cap": 3, "eval.jac_batch": 2, "eval.radius_iters": 3,
+                 "eval.radius_vectors": 2, "eval.memory_batch": 2, "eval.monitor_every": 1},
     "solvers": {"synthetic.batch": 64, "conv.batch": 2, "conv.channels": 16, "conv.size": 8,
                 "conv.groups": 4, "hard_nfe": [50, 80], "repeats": 1, "radius_iters": 10,
                 "mdeq.batch": 2, "mdeq.channels": [16, 32], "mdeq.expansion": 2, "mdeq.image_size": 16,

@@ -46,6 +46,16 @@ PAPER: dict[str, dict[str, Any]] = {
                                  0.6: [85.8, 91.5, 92.7, 93.0, 93.0, 93.1],
                                  1.2: [84.4, 89.6, 92.2, 92.6, 92.7, 92.7]},
                        "source": "Table 3: accuracy (%) of JR models (gamma = key) evaluated at NFE 1..6"},
+    "imagenet.mdeq_small": {"value": {"top1": 75.4, "nfe": 27, "params_m": 18},
+                            "source": "Table 2 (ImageNet): MDEQ-small"},
+    "imagenet.mdeq_small_jr": {"value": {"top1": 74.5, "nfe": 14, "params_m": 17},
+                               "source": "Table 2 (ImageNet): MDEQ-small + JR"},
+    "imagenet.mdeq_large": {"value": {"top1": 77.5, "nfe": 30, "params_m": 63},
+                            "source": "Table 2 (ImageNet): MDEQ-large"},
+    "imagenet.mdeq_large_jr": {"value": {"top1": 76.8, "nfe": 15, "params_m": 62},
+                               "source": "Table 2 (ImageNet): MDEQ-large + JR"},
+    "imagenet.resnet18": {"value": {"top1": 70.2, "params_m": 13}, "source": "Table 2 (ImageNet): ResNet-18"},
+    "imagenet.nfe_threshold": {"value": "14 / 14", "source": "supplement Table 4, ImageNet column"},
     "cifar10.nfe_threshold": {"value": "7 / 8", "source": "supplement Table 4, CIFAR-10 column"},
     # WikiText-103, Table 1 / Table 5: test perplexity, train / valid NFE, training time relative
     # to Transformer-XL, memory at batch 15 (excluding embeddings).

@@ -1,11 +1,12 @@
-"""One plotting style, and the setup line every training notebook prints."""
+"""One plotting style, the setup line every training notebook prints, and the settings where a
+run departs from the paper profile."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["use_style", "print_setup"]
+__all__ = ["use_style", "print_setup", "flatten", "departures"]
 
 
 def print_setup(profile: str, cfg: Mapping[str, Any], penalty: str = "Jacobian penalty",
@@ -29,6 +30,28 @@ def print_setup(profile: str, cfg: Mapping[str, Any], penalty: str = "Jacobian p
     print(f"profile: {profile}")
     for name, block in setup.items():
         print(f"{name:>17}: {block}")
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: ``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (an
+    empty block stays one value)."""
+    items: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            items.update(flatten(value, name + "."))
+        else:
+            items[name] = value
+    return items
+
+
+def departures(run: Mapping[str, Any], paper: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Every setting where the config ``run`` differs from ``paper`` (both ``to_dict`` of one
+    experiment), sorted by key: ``{"setting", "paper profile", "this run"}``, values as text
+    ("-" where a side lacks the key); empty when the run is the paper profile."""
+    mine, theirs = flatten(run), flatten(paper)
+    return [{"setting": k, "paper profile": str(theirs.get(k, "-")), "this run": str(mine.get(k, "-"))}
+            for k in sorted(set(mine) | set(theirs)) if mine.get(k, "-") != theirs.get(k, "-")]
 
 
 def use_style() -> None:

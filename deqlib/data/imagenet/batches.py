@@ -125,12 +125,22 @@ class ImageNetBatches:
         self._share: tuple[int, int] | None = None
 
     def _plan(self, epoch: int, i: int, rank: int, world: int) -> Iterator[tuple[tuple[int, int], list]]:
-        n, b = len(self.dataset), self.batch_size
+        b = self.batch_size
         while True:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(self.seed, epoch))).tolist()
+            perm = self.permutation(epoch)
             for step in range(i, self.steps_per_epoch):
                 yield (epoch, step), [(epoch, j) for j in perm[step * b:(step + 1) * b][rank::world]]
             epoch, i = epoch + 1, 0
+
+    def permutation(self, epoch: int) -> list[int]:
+        """The order of the images in ``epoch`` (seeded by ``(seed, epoch)``; the same on every process)."""
+        g = torch.Generator().manual_seed(stable_seed(self.seed, epoch))
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def indices(self, epoch: int, i: int, rank: int = 0, world: int = 1) -> list[int]:
+        """The images (dataset indices) that ``batch(epoch, i, rank, world)`` serves, in order."""
+        b = self.batch_size
+        return self.permutation(epoch)[i * b:(i + 1) * b][rank::world]
 
     def batch(self, epoch: int, i: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
         check_int("epoch", epoch, 0)

@@ -5,7 +5,7 @@ unregularized MDEQ where absolute numbers cannot be compared with the paper's.""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -77,8 +77,10 @@ def _points(values: Sequence[float]) -> list[float]:
     return [100 * v for v in values]
 
 
-def judge_claims(results: Sequence[ArmResult], exp: Any, alpha: float = 0.05) -> dict[str, Verdict]:
-    """Each claim of :data:`CLAIMS` on ``results`` (every arm for the same seeds): ``MDEQ + JR``
+def judge_claims(results: Sequence[ArmResult], exp: Any, alpha: float = 0.05,
+                 claims: Mapping[str, Claim] = CLAIMS) -> dict[str, Verdict]:
+    """Each claim of ``claims`` (keyed as :data:`CLAIMS`, whose sources are CIFAR-10's; another
+    data set passes its own) on ``results`` (every arm for the same seeds): ``MDEQ + JR``
     against ``MDEQ``, at ``eval.compare_nfe`` where a claim speaks of few NFE.
 
     Tests: paired t over seeds on per-seed means (NFE, residuals, ``||J||_F``, spectral radius,
@@ -96,7 +98,7 @@ def judge_claims(results: Sequence[ArmResult], exp: Any, alpha: float = 0.05) ->
     def paired(key: str, metric: str, what: str, scale: float = 1.0) -> None:
         ev_text = (f"{what}: MDEQ + JR {fmt_mean_se([scale * x for x in v(JR_ARM, metric)])}, "
                    f"MDEQ {fmt_mean_se([scale * x for x in v(MDEQ_ARM, metric)])}")
-        out[key] = judge(CLAIMS[key], compare(results, metric, JR_ARM, MDEQ_ARM), ev_text, alpha)
+        out[key] = judge(claims[key], compare(results, metric, JR_ARM, MDEQ_ARM), ev_text, alpha)
 
     paired("nfe", "nfe_to_tol_capped_mean", f"mean {ev.method} calls to {ev.tol:g} (images not there by "
                                             f"{ev.nfe_cap} counted at {ev.nfe_cap})")
@@ -105,31 +107,31 @@ def judge_claims(results: Sequence[ArmResult], exp: Any, alpha: float = 0.05) ->
     mdeq = by_arm(results)[MDEQ_ARM]
     test = mcnemar(torch.cat([r.outcomes["correct"] for r in mdeq]).tolist(),
                    torch.cat([r.outcomes[f"correct_nfe_{k}"] for r in mdeq]).tolist())
-    out["hard_stop"] = judge(CLAIMS["hard_stop"], test,
+    out["hard_stop"] = judge(claims["hard_stop"], test,
                              f"MDEQ accuracy (%) solved to {ev.tol:g} {fmt_mean_se(_points(v(MDEQ_ARM, 'acc')))}, "
                              f"at {k} NFE {fmt_mean_se(_points(v(MDEQ_ARM, acc_k)))}", alpha)
-    out["jr_at_k"] = judge(CLAIMS["jr_at_k"], compare(results, f"correct_nfe_{k}", JR_ARM, MDEQ_ARM),
+    out["jr_at_k"] = judge(claims["jr_at_k"], compare(results, f"correct_nfe_{k}", JR_ARM, MDEQ_ARM),
                            f"accuracy (%) at {k} NFE: MDEQ + JR {fmt_mean_se(_points(v(JR_ARM, acc_k)))}, "
                            f"MDEQ {fmt_mean_se(_points(v(MDEQ_ARM, acc_k)))}", alpha)
     drops = {arm: [100 * (a - b) for a, b in zip(v(arm, "acc"), v(arm, acc_k))] for arm in (MDEQ_ARM, JR_ARM)}
-    out["flat"] = judge(CLAIMS["flat"], paired_t(drops[MDEQ_ARM], drops[JR_ARM]),
+    out["flat"] = judge(claims["flat"], paired_t(drops[MDEQ_ARM], drops[JR_ARM]),
                         f"points lost at {k} NFE against solved to {ev.tol:g}: MDEQ {fmt_mean_se(drops[MDEQ_ARM])}, "
                         f"MDEQ + JR {fmt_mean_se(drops[JR_ARM])}", alpha)
     gap = [100 * (a - b) for a, b in zip(v(JR_ARM, acc_k), v(MDEQ_ARM, "acc"))]
     out["close"] = judge_threshold(
-        CLAIMS["close"], gap, -ev.margin_points,
+        claims["close"], gap, -ev.margin_points,
         f"MDEQ + JR at {k} NFE minus MDEQ solved to {ev.tol:g}: {fmt_mean_se(gap)} points; held if above "
         f"-{ev.margin_points:g} (the margin)", alpha)
     paired("res_fwd", "train_fwd_rel_res", "mean forward relative residual over the training steps")
     paired("res_bwd", "train_bwd_rel_res", "mean backward relative residual over the training steps")
     first = [monitor_series(r, "mon_jac_fro")[0][1] if monitor_series(r, "mon_jac_fro") else math.nan for r in mdeq]
     end = v(MDEQ_ARM, "jac_fro")
-    out["jac_rises"] = judge(CLAIMS["jac_rises"], paired_t(end, first),
+    out["jac_rises"] = judge(claims["jac_rises"], paired_t(end, first),
                              f"MDEQ ||J||_F/sqrt(d) at the first monitored step {fmt_mean_se(first)}, at the end "
                              f"{fmt_mean_se(end)}", alpha)
     corr = [spearman([x for _, x in monitor_series(r, "mon_jac_fro")],
                      [x for _, x in monitor_series(r, "mon_res_threshold")]) for r in mdeq]
-    out["together"] = judge_threshold(CLAIMS["together"], corr, 0.0,
+    out["together"] = judge_threshold(claims["together"], corr, 0.0,
                                       f"rank correlation over the monitored steps per seed {fmt_mean_se(corr)}", alpha)
     paired("jac", "jac_fro", "||J_f(z*)||_F/sqrt(d) on the fixed batch at the end")
     paired("radius", "spectral_radius", "spectral radius on the fixed batch at the end")

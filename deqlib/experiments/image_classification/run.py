@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ...config import to_dict
 from ...models.mdeq import MDEQ
-from ...train import train
+from ...train import make_accelerator, train
 from ..core import ArmResult, equilibrium_mean, mean_step_time
 from .config import arm_specs, arm_train_config
 from .measure import (ImageData, equilibrium_jacobian, evaluate_equilibrium, evaluate_explicit, fixed_batch,
@@ -41,9 +42,15 @@ def _records_mean(records: list[dict[str, float]], key: str) -> float:
 
 
 def run_arm(exp: object, arm: str, seed: int, data: ImageData, run_dir: str | Path | None = None,
-            progress: bool = True) -> ArmResult:
+            progress: bool = True, accelerator: Any = None) -> ArmResult:
     """Train ``arm`` (a name of :func:`~.config.arm_specs`) with training seed ``seed`` on ``data``
     and measure it; ``run_dir``: where it checkpoints and resumes (None: nowhere).
+
+    ``accelerator``: the ``accelerate.Accelerator`` training and evaluation run under (None:
+    :func:`deqlib.train.make_accelerator`'s, which under ``accelerate launch --num_processes N``
+    is the N-process one): each process trains on its share of every batch and evaluates its
+    share of the test batches; the test outcomes are gathered, so every process returns the
+    metrics of the whole test set, each image counted once.
 
     Metrics of every arm: ``acc`` (the equilibrium solved to ``eval.tol``; the explicit stack's
     output), ``step_time_s`` (mean over the steps), ``train_time_s`` (their sum),
@@ -70,16 +77,17 @@ def run_arm(exp: object, arm: str, seed: int, data: ImageData, run_dir: str | Pa
     if not spec.explicit:
         with torch.random.fork_rng(devices=[]):  # leaves the training's draws as they were
             init = equilibrium_jacobian(model, x_fixed, ev, threshold)
+    accelerator = make_accelerator(cfg) if accelerator is None else accelerator
     result = train(model, batches, cfg, run_dir=run_dir, progress=progress, identity=_identity(exp, model_cfg),
                    monitor=None if spec.explicit else jacobian_monitor(x_fixed, ev, threshold),
-                   monitor_every=ev.monitor_every)
+                   monitor_every=ev.monitor_every, accelerator=accelerator)
     records = result.records
     source = data.eval_batches()
     if spec.explicit:
-        metrics, outcomes = evaluate_explicit(model, source, spec.explicit_depth, ev.batch_size)
+        metrics, outcomes = evaluate_explicit(model, source, spec.explicit_depth, ev.batch_size, accelerator)
         metrics["step_time_s"] = _records_mean(records, "step_time_s")
     else:
-        metrics, outcomes = evaluate_equilibrium(model, source, ev)
+        metrics, outcomes = evaluate_equilibrium(model, source, ev, accelerator)
         with torch.random.fork_rng(devices=[]):
             metrics.update(equilibrium_jacobian(model, x_fixed, ev, threshold))
         metrics.update({f"init_{k}": v for k, v in init.items()})
