@@ -32,7 +32,8 @@ def test_departures_lists_every_differing_setting_by_dotted_key():
     from deqlib.report import departures, flatten
 
     assert flatten({"a": {"b": 1, "c": {}}, "d": 2}) == {"a.b": 1, "a.c": {}, "d": 2}
-    rows = departures({"train": {"lr": 1e-3, "epochs": 2}, "seeds": [0]}, {"train": {"lr": 1e-3, "epochs": 200}, "x": 1})
+    rows = departures({"train": {"lr": 1e-3, "epochs": 2}, "seeds": [0]},
+                      {"train": {"lr": 1e-3, "epochs": 200}, "x": 1})
     assert rows == [{"setting": "seeds", "paper profile": "-", "this run": "[0]"},
                     {"setting": "train.epochs", "paper profile": "200", "this run": "2"},
                     {"setting": "x", "paper profile": "1", "this run": "-"}]
