@@ -56,8 +56,8 @@ from deqlib.experiments.core import by_arm, run_arms, summarize
 from deqlib.experiments.wikitext import ARMS, MONITORED, WikiTextExperiment, load_data, run_arm
 from deqlib.experiments.wikitext.summary import (hard_stop_cap, judge_claims, judge_timing, matched_nfe, ratios,
                                                  values)
-from deqlib.report import (PAPER, claims_markdown, claims_table, fmt_mean_se, make_output_dir, print_setup,
-                           use_style, write_curves, write_metrics)
+from deqlib.report import (PAPER, claims_markdown, claims_table, departures, fmt_mean_se, make_output_dir,
+                           print_setup, use_style, write_curves, write_metrics)
 
 use_style()
 PAPER_KEY = {arm: f"wikitext.{arm}" for arm in ARMS}  # each arm's row of Table 1 / Table 5 in deqlib.report.PAPER
@@ -84,7 +84,6 @@ for arm in exp.arms:
 display(pd.DataFrame(arm_rows).set_index("arm"))
 print(f"seeds: {list(exp.seeds)}")
 
-
 # %% [markdown]
 # Where this profile departs from the paper profile (Table 4's column, the paper's thresholds):
 # every setting that differs, read from `params.yaml`. The paper profile is the full recipe;
@@ -95,22 +94,9 @@ print(f"seeds: {list(exp.seeds)}")
 # pretraining steps and gradient clipping from the release script) is said in `params.yaml`.
 
 # %%
-def flat(d, prefix=""):
-    items = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            items.update(flat(v, key + "."))
-        else:
-            items[key] = v
-    return items
-
-
-mine, theirs = flat(to_dict(exp)), flat(to_dict(paper_exp))
-departures = [{"setting": k, "paper profile": theirs.get(k, "-"), "this run": mine.get(k, "-")}
-              for k in sorted(set(mine) | set(theirs)) if mine.get(k, "-") != theirs.get(k, "-")]
-if departures:
-    display(pd.DataFrame(departures).set_index("setting"))
+rows = departures(to_dict(exp), to_dict(paper_exp))
+if rows:
+    display(pd.DataFrame(rows).set_index("setting"))
     ratio = exp.train.lr / paper_exp.train.lr
     display(Markdown(f"The learning rate is **{ratio:.0f}x** the paper's ({exp.train.lr:g} against "
                      f"{paper_exp.train.lr:g}): with a run this short, at the paper's rate the model would "

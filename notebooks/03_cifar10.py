@@ -64,7 +64,7 @@ from deqlib.experiments.cifar import CifarExperiment, load_data, run_arm
 from deqlib.experiments.core import by_arm, compare, run_arms, summarize
 from deqlib.experiments.image_classification import (EXPLICIT_ARM, JR_ARM, MDEQ_ARM, arm_specs, arm_train_config,
                                                      judge_claims, metric_values, monitor_series)
-from deqlib.report import (PAPER, claims_markdown, fmt_mean_se, make_output_dir, print_setup,
+from deqlib.report import (PAPER, claims_markdown, departures, fmt_mean_se, make_output_dir, print_setup,
                            use_style, write_curves, write_metrics)
 from deqlib.stats import mean_se
 
@@ -92,7 +92,6 @@ display(pd.DataFrame([{"arm": a, "gamma": s.gamma if not s.explicit else "-",
                       for a, s in specs.items()]).set_index("arm"))
 print(f"seeds: {list(exp.seeds)}; claims compared at {K} NFE")
 
-
 # %% [markdown]
 # Where this profile departs from the paper profile: every setting that differs, read from
 # `params.yaml` (whose comments say why). The paper profile is Table 4's column, with the
@@ -100,22 +99,9 @@ print(f"seeds: {list(exp.seeds)}; claims compared at {K} NFE")
 # pretraining steps, the penalty stopped at epoch 90).
 
 # %%
-def flat(d, prefix=""):
-    items = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            items.update(flat(v, key + "."))
-        else:
-            items[key] = v
-    return items
-
-
-mine, theirs = flat(to_dict(exp)), flat(to_dict(paper_exp))
-departures = [{"setting": k, "paper profile": str(theirs.get(k, "-")), "this run": str(mine.get(k, "-"))}
-              for k in sorted(set(mine) | set(theirs)) if mine.get(k, "-") != theirs.get(k, "-")]
-if departures:
-    display(pd.DataFrame(departures).set_index("setting"))
+rows = departures(to_dict(exp), to_dict(paper_exp))
+if rows:
+    display(pd.DataFrame(rows).set_index("setting"))
 else:
     display(Markdown("This run is the paper profile."))
 
