@@ -3,13 +3,14 @@
 #
 #   bash scripts/device_bench.sh costs OUT_DIR     # solver overhead, MDEQ and Transformer steps
 #   bash scripts/device_bench.sh compare OUT_DIR   # notebook 07's comparison, paper profile
+#   bash scripts/device_bench.sh imagenet OUT_DIR  # MDEQ-small at 224 px, batch 112 and 28 (one GPU of 4)
 #
 # Each benchmark prints its table and writes OUT_DIR/<name>.json; everything printed also goes
 # to OUT_DIR/<part>.log. torchdeq (the `bench` extra) must be importable for the comparison.
 # Run from the repository root; PYTHON picks the interpreter (default python3).
 set -uo pipefail
-part=${1:?usage: scripts/device_bench.sh costs|compare OUT_DIR}
-out=${2:?usage: scripts/device_bench.sh costs|compare OUT_DIR}
+part=${1:?usage: scripts/device_bench.sh costs|compare|imagenet OUT_DIR}
+out=${2:?usage: scripts/device_bench.sh costs|compare|imagenet OUT_DIR}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -36,11 +37,17 @@ case $part in
         step mdeq_paper_bf16 70 mdeq --profile paper --batch 96 --precision bf16
         step transformer_paper 150 transformer --profile paper --batch 15
         ;;
+    imagenet)
+        # MDEQ-small at 224 px (notebook 04's paper profile): the paper's batch of 112 on one GPU,
+        # and 28, one GPU's share of 112 on 4; at most 5 minutes in all.
+        step imagenet_b112 180 mdeq --experiment imagenet --profile paper --batch 112 --steps 3
+        step imagenet_b28 120 mdeq --experiment imagenet --profile paper --batch 28 --steps 3
+        ;;
     compare)
         step compare_paper 560 compare --profile paper
         ;;
     *)
-        echo "unknown part $part: costs or compare" >&2
+        echo "unknown part $part: costs, compare or imagenet" >&2
         exit 2
         ;;
 esac

@@ -96,6 +96,16 @@ def test_bench_mdeq_measures_both_arms_each_with_its_own_model(tmp_path):
     assert report["memory"].startswith("deqlib.measure.PeakMemory") and report["device"].startswith("CPU")
 
 
+def test_bench_mdeq_reads_the_imagenet_model_and_counts_images_per_second():
+    report = bench_mdeq("small", batch=2, steps=1, params_path=ROOT / "params.yaml", device="cpu",
+                        experiment="imagenet")
+    assert report["experiment"] == "imagenet" and report["channels"] == [16, 32]
+    for row in report["rows"]:
+        assert row["images_per_s"] == pytest.approx(2 / row["step_time_s"])
+    with pytest.raises(ValueError, match="experiment="):
+        bench_mdeq("small", experiment="mnist")
+
+
 def test_bench_mdeq_adds_the_penalty_with_the_training_loop_s_add_penalty(monkeypatch):
     from deqlib.bench import model_step
     from deqlib.step import add_penalty

@@ -5,7 +5,7 @@
     python -m deqlib.bench transformer [--profile paper --batch 15 --set model.d_inner=2000]
     python -m deqlib.bench compare [--profile paper --set repeats=1 --json out.json]
 
-``mdeq``: one training step of the CIFAR-10 MDEQ of ``params.yaml`` (forward solve, implicit
+``mdeq``: one training step of the CIFAR-10 (or, with ``--experiment imagenet``, ImageNet) MDEQ of ``params.yaml`` (forward solve, implicit
 backward, Adam step) on random images, without and with the Jacobian penalty applied at that
 step; prints the median step time and the peak memory (:func:`deqlib.measure.peak_memory`:
 ``torch.cuda.max_memory_allocated`` on a GPU, else the peak of live tensor bytes), with the
@@ -79,13 +79,13 @@ def _print_solvers(report: dict) -> None:
 
 
 def _print_mdeq(report: dict) -> None:
-    print(f"MDEQ ({report['profile']} profile, scales {report['channels']}), batch {report['batch']}, "
-          f"precision {report['precision']}; {report['device']}, torch {report['torch']}")
+    print(f"MDEQ ({report['experiment']}, {report['profile']} profile, scales {report['channels']}), batch "
+          f"{report['batch']}, precision {report['precision']}; {report['device']}, torch {report['torch']}")
     print(f"memory: {report['memory']}")
-    print(f"{'arm':<34}{'step s':>9}{'peak MB fwd+bwd':>17}{'peak MB step':>14}{'NFE f/b':>9}")
+    print(f"{'arm':<34}{'step s':>9}{'images/s':>10}{'peak MB fwd+bwd':>17}{'peak MB step':>14}{'NFE f/b':>9}")
     for r in report["rows"]:
-        print(f"{r['arm']:<34}{r['step_time_s']:>9.3f}{r['peak_fwd_bwd_mb']:>17.0f}{r['peak_step_mb']:>14.0f}"
-              f"{r['fwd_nfe']:>6}/{r['bwd_nfe']}")
+        print(f"{r['arm']:<34}{r['step_time_s']:>9.3f}{r['images_per_s']:>10.1f}{r['peak_fwd_bwd_mb']:>17.0f}"
+              f"{r['peak_step_mb']:>14.0f}{r['fwd_nfe']:>6}/{r['bwd_nfe']}")
 
 
 def _print_transformer(report: dict) -> None:
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run each method with its stop test on the device, asked every K calls")
     s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     s.add_argument("--json", help="also write the figures to this JSON file")
-    m = sub.add_parser("mdeq", help="step time and peak memory of the CIFAR-10 MDEQ, without and with JR")
+    m = sub.add_parser("mdeq", help="step time, images/s and peak memory of an MDEQ, without and with JR")
+    m.add_argument("--experiment", choices=["cifar10", "imagenet"], default="cifar10",
+                   help="whose MDEQ: params.yaml's cifar10 or imagenet section")
     m.add_argument("--profile", choices=["paper", "small"], default="paper")
     m.add_argument("--batch", type=int, default=96)
     m.add_argument("--precision", choices=list(PRECISIONS), default="no")
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         report = bench_compare(args.profile, dict(args.overrides))
         _print_compare(report)
     elif args.bench == "mdeq":
-        report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params)
+        report = bench_mdeq(args.profile, args.batch, args.precision, args.steps, args.params,
+                            experiment=args.experiment)
         _print_mdeq(report)
     elif args.bench == "transformer":
         steady_malloc()  # CPU timings: keep freed blocks in the heap (see the module docstring)

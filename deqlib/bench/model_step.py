@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..config import load_experiment
 from ..experiments.cifar import CifarExperiment
+from ..experiments.imagenet import ImageNetExperiment
 from ..experiments.memory import TransformerSpec, TransformerSteps, measure_memory, time_rounds
 from ..experiments.wikitext import WikiTextExperiment
 from ..jacobian import JacobianPenalty
@@ -38,16 +39,25 @@ def _loss(out: StepOutput, penalty: JacobianPenalty | None) -> Tensor:
     return out.loss if penalty is None else add_penalty(out, penalty)[0]
 
 
+MDEQ_EXPERIMENTS = {"cifar10": CifarExperiment, "imagenet": ImageNetExperiment}
+
+
 def bench_mdeq(profile: str = "paper", batch: int = 96, precision: str = "no", steps: int = 5,
-               params_path: str | Path = "params.yaml", device: str | None = None, seed: int = 0) -> dict:
-    """Step time and peak memory of the CIFAR-10 MDEQ of ``profile``, without and with the
-    penalty, on ``batch`` random images ``(batch, C, H, W)``.
+               params_path: str | Path = "params.yaml", device: str | None = None, seed: int = 0,
+               experiment: str = "cifar10") -> dict:
+    """Step time, images per second and peak memory of the MDEQ of ``experiment`` (the
+    ``cifar10`` or ``imagenet`` section of ``params.yaml``) in ``profile``, without and with
+    the penalty, on ``batch`` random images ``(batch, C, H, W)`` at the model's size (random
+    pixels: the cost of a step does not depend on them, but the solver's NFE does, so the NFE
+    are printed beside it).
 
     A step is forward solve, implicit backward and Adam step; the median of ``steps`` steps
     after one warm-up is reported. The peak is that of forward + backward (the paper's training
     memory) and of a whole step; on CUDA it counts the parameters and Adam state too.
     """
-    exp = load_experiment(CifarExperiment, "cifar10", profile, params_path=params_path)
+    if experiment not in MDEQ_EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {list(MDEQ_EXPERIMENTS)}, got experiment={experiment!r}")
+    exp = load_experiment(MDEQ_EXPERIMENTS[experiment], experiment, profile, params_path=params_path)
     dev = pick_device(device)
     torch.manual_seed(seed)
     size = exp.model.image_size
@@ -57,11 +67,11 @@ def bench_mdeq(profile: str = "paper", batch: int = 96, precision: str = "no", s
     for penalty in (None, exp.train.jacobian):
         row, counted = _mdeq_arm(exp, x, y, penalty, precision, steps, seed)
         rows.append(row)
-    return {"profile": profile, "batch": batch, "precision": precision, "device": device_name(dev),
+    return {"experiment": experiment, "profile": profile, "batch": batch, "precision": precision, "device": device_name(dev),
             "memory": counted, "torch": torch.__version__, "channels": list(exp.model.channels), "rows": rows}
 
 
-def _mdeq_arm(exp: CifarExperiment, x: Tensor, y: Tensor, penalty: JacobianPenalty | None, precision: str,
+def _mdeq_arm(exp: CifarExperiment | ImageNetExperiment, x: Tensor, y: Tensor, penalty: JacobianPenalty | None, precision: str,
               steps: int, seed: int) -> tuple[dict, str]:
     """One arm of :func:`bench_mdeq` on images ``x (B, C, H, W)`` and labels ``y (B,)``:
     (its row, what its peaks count)."""
@@ -96,7 +106,7 @@ def _mdeq_arm(exp: CifarExperiment, x: Tensor, y: Tensor, penalty: JacobianPenal
         peaks.append(peak_memory(fn, dev, count_existing=True))
     row = {"arm": "MDEQ" if penalty is None else "MDEQ + JR (penalty on this step)", "step_time_s": seconds,
            "peak_fwd_bwd_mb": peaks[0].nbytes / 2**20, "peak_step_mb": peaks[1].nbytes / 2**20,
-           "fwd_nfe": nfe[-1][0], "bwd_nfe": nfe[-1][1]}
+           "images_per_s": x.shape[0] / seconds, "fwd_nfe": nfe[-1][0], "bwd_nfe": nfe[-1][1]}
     return row, peaks[0].counted
 
 

@@ -80,7 +80,7 @@ def anderson(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: AndersonOpti
         z = combine(alpha, F[:, :n])
         if opts.beta != 1.0:  # z = sum a_i (beta f_i + (1-beta) z_i) = sum a_i (f_i - (1-beta) g_i)
             z = combine(alpha, G[:, :n], add=z, alpha=-(1.0 - opts.beta))
-        z = tracker.hold(z)
+        z = tracker.hold(z, owned=True)  # combine's output: a new tensor
         k += 1
 
 

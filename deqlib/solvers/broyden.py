@@ -78,7 +78,7 @@ def broyden(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: BroydenOption
     while True:
         # z + dx; a sample that stopped stays at its best iterate (its rows of the update below
         # then describe a step it did not take, and only ever move it back there).
-        z = tracker.hold(combine(weights_like(e[:, :n], z), W[:, :n], add=z))
+        z = tracker.hold(combine(weights_like(e[:, :n], z), W[:, :n], add=z), owned=True)
         fz = f(z)
         if n == R:  # the basis is full below the window: double it, and its coefficients
             R = min(cap, 2 * R)

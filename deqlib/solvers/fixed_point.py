@@ -30,4 +30,5 @@ def fixed_point(f: FlatMap, z: Tensor, tracker: ResidualTracker, opts: FixedPoin
         g = fz - z
         if tracker.record(z, fz, g):
             return
-        z = tracker.hold(fz if opts.beta == 1.0 else z.add(g, alpha=opts.beta))
+        # f's output may be a best iterate the tracker keeps: it is held by a copy, not in place
+        z = tracker.hold(fz) if opts.beta == 1.0 else tracker.hold(z.add(g, alpha=opts.beta), owned=True)

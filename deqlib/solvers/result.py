@@ -97,6 +97,8 @@ class ResidualTracker:
         self.done: Tensor | None = None  # (B,) bool: stopped (converged or diverged)
         self.diverged: Tensor | None = None  # (B,) bool
         self.stop_call: Tensor | None = None  # (B,) call at which a sample stopped, 0 while it runs
+        self.done_rows: Tensor | None = None  # (n,) indices of the stopped samples (check_every 1)
+        self.best_owned = False  # best_z / best_fz are this tracker's own tensors, not the method's
         self.any_done = False
         self.status = "max_iter"
         self.reason = ""
@@ -142,14 +144,21 @@ class ResidualTracker:
         B = crit.shape[0]
         if first or n_improved == B:  # the common case: no copy, just keep references
             self.best_z, self.best_fz = z, fz
-        elif n_improved > 0:
+            self.best_owned = False
+        elif n_improved > 0 and self.best_owned:  # copy only the rows that improved
+            rows = improved.nonzero().squeeze(1)
+            self.best_z.index_copy_(0, rows, z.index_select(0, rows))
+            self.best_fz.index_copy_(0, rows, fz.index_select(0, rows))
+        elif n_improved > 0:  # the best iterates are the method's tensors: make our own
             keep = improved.unsqueeze(1)
             self.best_z = torch.where(keep, z, self.best_z)
             self.best_fz = torch.where(keep, fz, self.best_fz)
+            self.best_owned = True
         if n_new:
             self.stop_call = torch.where(stops & ~self.done, self.nfe, self.stop_call)
             self.diverged = self.diverged | diverging
             self.done = done
+            self.done_rows = done.nonzero().squeeze(1)
             self.any_done = True
         if n_done == B or self.nfe >= self.max_iter:
             self._conclude()
@@ -175,10 +184,16 @@ class ResidualTracker:
             return True
         return False
 
-    def hold(self, z: Tensor) -> Tensor:
-        """The next iterate ``z (B, D)`` with every stopped sample held at its best iterate."""
+    def hold(self, z: Tensor, owned: bool = False) -> Tensor:
+        """The next iterate ``z (B, D)`` with every stopped sample held at its best iterate.
+
+        ``owned``: ``z`` is a new tensor that nothing else refers to (not ``f``'s output, which
+        the best iterates may be), so the stopped rows are written into it in place, a copy of
+        those rows only instead of a pass over the whole batch."""
         if not self.any_done:
             return z
+        if owned and self.done_rows is not None:
+            return z.index_copy_(0, self.done_rows, self.best_z.index_select(0, self.done_rows))
         return torch.where(self.done.unsqueeze(1), self.best_z, z)
 
     def _conclude(self) -> None:
