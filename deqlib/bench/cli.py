@@ -5,8 +5,8 @@
     python -m deqlib.bench transformer [--profile paper --batch 15 --set model.d_inner=2000]
     python -m deqlib.bench compare [--profile paper --set repeats=1 --json out.json]
 
-``mdeq``: one training step of the CIFAR-10 (or, with ``--experiment imagenet``, ImageNet) MDEQ of ``params.yaml`` (forward solve, implicit
-backward, Adam step) on random images, without and with the Jacobian penalty applied at that
+``mdeq``: one training step of the CIFAR-10 (``--experiment imagenet``: ImageNet) MDEQ of
+``params.yaml`` (forward solve, implicit backward, Adam step) on random images, without and with the Jacobian penalty applied at that
 step; prints the median step time and the peak memory (:func:`deqlib.measure.peak_memory`:
 ``torch.cuda.max_memory_allocated`` on a GPU, else the peak of live tensor bytes), with the
 device named and what the peak counts. The solver thresholds are the profile's, so every step runs the full 7 / 8 calls

@@ -67,12 +67,12 @@ def bench_mdeq(profile: str = "paper", batch: int = 96, precision: str = "no", s
     for penalty in (None, exp.train.jacobian):
         row, counted = _mdeq_arm(exp, x, y, penalty, precision, steps, seed)
         rows.append(row)
-    return {"experiment": experiment, "profile": profile, "batch": batch, "precision": precision, "device": device_name(dev),
-            "memory": counted, "torch": torch.__version__, "channels": list(exp.model.channels), "rows": rows}
+    return {"experiment": experiment, "profile": profile, "batch": batch, "precision": precision,
+            "device": device_name(dev), "memory": counted, "torch": torch.__version__, "channels": list(exp.model.channels), "rows": rows}
 
 
-def _mdeq_arm(exp: CifarExperiment | ImageNetExperiment, x: Tensor, y: Tensor, penalty: JacobianPenalty | None, precision: str,
-              steps: int, seed: int) -> tuple[dict, str]:
+def _mdeq_arm(exp: CifarExperiment | ImageNetExperiment, x: Tensor, y: Tensor, penalty: JacobianPenalty | None,
+              precision: str, steps: int, seed: int) -> tuple[dict, str]:
     """One arm of :func:`bench_mdeq` on images ``x (B, C, H, W)`` and labels ``y (B,)``:
     (its row, what its peaks count)."""
     dev, dtype = x.device, PRECISIONS[precision]
