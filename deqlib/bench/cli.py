@@ -6,11 +6,12 @@
     python -m deqlib.bench compare [--profile paper --set repeats=1 --json out.json]
 
 ``mdeq``: one training step of the CIFAR-10 (``--experiment imagenet``: ImageNet) MDEQ of
-``params.yaml`` (forward solve, implicit backward, Adam step) on random images, without and with the Jacobian penalty applied at that
-step; prints the median step time and the peak memory (:func:`deqlib.measure.peak_memory`:
-``torch.cuda.max_memory_allocated`` on a GPU, else the peak of live tensor bytes), with the
-device named and what the peak counts. The solver thresholds are the profile's, so every step runs the full 7 / 8 calls
-unless the tolerance is met first.
+``params.yaml`` (forward solve, implicit backward, Adam step) on random images, without and
+with the Jacobian penalty applied at that step; prints the median step time and the peak memory
+(:func:`deqlib.measure.peak_memory`: ``torch.cuda.max_memory_allocated`` on a GPU, else the
+peak of live tensor bytes), with the device named and what the peak counts. The solver
+thresholds are the profile's, so every step runs the full 7 / 8 calls unless the tolerance is
+met first.
 
 ``transformer``: training-step time and memory of the DEQ-Transformer without and with the
 penalty and of the explicit weight-tied stack (see :func:`deqlib.bench.bench_transformer`).

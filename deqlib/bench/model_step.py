@@ -68,7 +68,8 @@ def bench_mdeq(profile: str = "paper", batch: int = 96, precision: str = "no", s
         row, counted = _mdeq_arm(exp, x, y, penalty, precision, steps, seed)
         rows.append(row)
     return {"experiment": experiment, "profile": profile, "batch": batch, "precision": precision,
-            "device": device_name(dev), "memory": counted, "torch": torch.__version__, "channels": list(exp.model.channels), "rows": rows}
+            "device": device_name(dev), "memory": counted, "torch": torch.__version__,
+            "channels": list(exp.model.channels), "rows": rows}
 
 
 def _mdeq_arm(exp: CifarExperiment | ImageNetExperiment, x: Tensor, y: Tensor, penalty: JacobianPenalty | None,
