@@ -10,9 +10,10 @@ Three ways to differentiate (``backward=``):
   (an inexact, cheap gradient). Its derivatives of every order are those of the ``k`` steps
   with ``z*`` a constant, so its second derivative is not the equilibrium's.
 - ``"unrolled"``: plain iteration from ``z0`` under autograd through every step, up to the
-  forward ``max_iter``, stopping at its ``tol``: the exact reference, and the weight-tied
-  "pretraining" mode. Exact to any order for the iteration it ran; once converged, the
-  equilibrium's (the reference for second derivatives).
+  forward ``max_iter``, stopping at its ``tol`` (the forward settings must name
+  ``method="fixed_point"``: another method is refused rather than silently replaced): the exact
+  reference, and the weight-tied "pretraining" mode. Exact to any order for the iteration it
+  ran; once converged, the equilibrium's (the reference for second derivatives).
 
 States may be one tensor ``(B, ...)`` or a list of them (one feature map per scale); they are
 packed into one ``(B, D)`` tensor for the solvers by :class:`StatePacker`.
@@ -202,6 +203,15 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
+def _check_unrolled(settings: SolverSettings, name: str) -> None:
+    """The unrolled mode iterates ``z <- f(z)`` itself: its forward settings must say so, or
+    another method's name and options would be ignored without a word."""
+    if settings.method != "fixed_point" or float(settings.options.get("beta", 1.0)) != 1.0:
+        raise ValueError(f"backward='unrolled' runs plain fixed-point iteration (its max_iter, tol and stop_mode); "
+                         f"{name} must say method='fixed_point' without damping, got method={settings.method!r}, "
+                         f"options={dict(settings.options)!r}")
+
+
 class DEQ(nn.Module):
     """Deep equilibrium layer around ``f(z, x)``.
 
@@ -233,7 +243,11 @@ class DEQ(nn.Module):
         check_int("phantom_steps", phantom_steps, 1)
         check_real("phantom_damping", phantom_damping, minimum=0, maximum=1, min_open=True)
         self.f = f
-        self.forward_solver = forward_solver or SolverSettings()
+        # unrolled: plain iteration by default, and refused settings of another method
+        self.forward_solver = forward_solver or SolverSettings(**({"method": "fixed_point"} if backward == "unrolled"
+                                                                  else {}))
+        if backward == "unrolled":
+            _check_unrolled(self.forward_solver, "forward_solver")
         self.backward_solver = backward_solver or SolverSettings(tol=1e-4)
         self.backward = backward
         self.phantom_steps = int(phantom_steps)
@@ -250,6 +264,7 @@ class DEQ(nn.Module):
 
         z0_flat = packer.pack(z0)
         if self.backward == "unrolled":
+            _check_unrolled(settings, "forward_solver")
             out, stats = self._unrolled(f_flat, z0_flat, settings)
             return packer.unpack(out), stats
 

@@ -404,3 +404,20 @@ def test_an_output_of_f_shaped_unlike_the_state_is_named(backward, out, z0, said
     for grad in (True, False):
         with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"f\(z, x\) must return .* got " + said):
             deq(None, z0)
+
+
+def test_unrolled_mode_refuses_settings_of_another_method_by_name():
+    """The unrolled mode iterates f plainly; Anderson's or damped settings given to it would be
+    ignored, so they are refused, at construction and per call, naming the method."""
+    f = MLPMap()
+    with pytest.raises(ValueError, match=r"backward='unrolled'.*method='anderson'"):
+        DEQ(f, forward_solver=EXACT_FWD, backward="unrolled")
+    with pytest.raises(ValueError, match=r"beta"):
+        DEQ(f, forward_solver=UNROLLED.replace(options={"beta": 0.5}), backward="unrolled")
+    deq = DEQ(f, backward="unrolled")  # the default: plain iteration
+    assert deq.forward_solver.method == "fixed_point"
+    x, z0 = torch.randn(3, 5), torch.zeros(3, 12)
+    z, stats = deq(x, z0)
+    assert stats.forward.nfe >= 2 and torch.allclose(z, f(z, x), atol=1e-3)
+    with pytest.raises(ValueError, match=r"method='broyden'"):
+        deq(x, z0, forward_solver=SolverSettings(method="broyden", max_iter=5))

@@ -181,6 +181,8 @@ class _Steps(ABC):
         backward ones (default: the configured threshold), differentiated by ``method``;
         ``forward`` / ``backward`` replace the configured solvers (their ``max_iter`` is set)."""
         fwd = (forward or self.forward_settings).replace(max_iter=k)
+        if method == "unrolled":  # the unrolled mode is plain iteration, whatever the configured solver
+            fwd = fwd.replace(method="fixed_point", options={})
         bwd = (backward or self.backward_settings).replace(max_iter=backward_nfe or self.backward_settings.max_iter)
         return DEQ(self._layer(self.model(variant)), fwd, bwd, backward=method, phantom_steps=self.phantom_steps)
 
